@@ -1,0 +1,22 @@
+"""Dataset sources, one file each, registered by name.
+
+Importing this package imports every concrete source, which registers it.
+"""
+
+from pfedmoap_cli.data.sources.base import DatasetSource, Sample
+from pfedmoap_cli.data.sources.registry import (
+    dataset_class,
+    dataset_names,
+    open_dataset,
+    register_dataset,
+)
+from pfedmoap_cli.data.sources import image_folder, synthetic  # noqa: F401  (registration)
+
+__all__ = [
+    "DatasetSource",
+    "Sample",
+    "dataset_class",
+    "dataset_names",
+    "open_dataset",
+    "register_dataset",
+]

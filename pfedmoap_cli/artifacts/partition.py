@@ -1,0 +1,208 @@
+"""The partition artifact: which samples each client owns, bound to its dataset.
+
+A partition is written once and never edited. It records the dataset, a hash
+of the sample list it indexes into (so a changed dataset is refused rather
+than silently re-mapped), class names in label order, the scheme with all
+its parameters and seed, and per client the train/test sample indices, label
+histograms and domain. The sha256 of the file's bytes identifies it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pfedmoap_cli.artifacts.atomic import atomic_write_text, sha256_bytes
+from pfedmoap_cli.errors import ArtifactError
+
+PARTITION_SCHEMA = "pfedmoap.partition/1"
+CURRENT_POINTER = "current"
+
+
+@dataclass(frozen=True)
+class PartitionClient:
+    """One client's share of the dataset (indices into the source's split lists)."""
+
+    client_id: int
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+    domain: str | None = None
+    train_histogram: dict[int, int] = field(default_factory=dict)
+    test_histogram: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A complete partition of one dataset over N clients."""
+
+    dataset: str
+    dataset_options: dict[str, Any]
+    dataset_fingerprint: str
+    class_names: tuple[str, ...]
+    scheme: str
+    params: dict[str, Any]
+    clients: tuple[PartitionClient, ...]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def to_json(self) -> dict[str, Any]:
+        """The partition as a JSON-ready dictionary (schema-tagged)."""
+        return {
+            "schema": PARTITION_SCHEMA,
+            "dataset": self.dataset,
+            "dataset_options": self.dataset_options,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "class_names": list(self.class_names),
+            "scheme": self.scheme,
+            "params": self.params,
+            "clients": [
+                {
+                    "client_id": c.client_id,
+                    "domain": c.domain,
+                    "train": list(c.train),
+                    "test": list(c.test),
+                    "train_histogram": {str(k): v for k, v in sorted(c.train_histogram.items())},
+                    "test_histogram": {str(k): v for k, v in sorted(c.test_histogram.items())},
+                }
+                for c in self.clients
+            ],
+        }
+
+    def file_name(self) -> str:
+        """``<dataset>-<scheme>-<hash8>.json``, the hash being that of the file's bytes."""
+        return f"{self.dataset}-{self.scheme}-{sha256_bytes(_encode(self))[:8]}.json"
+
+
+def _encode(partition: Partition) -> bytes:
+    return (json.dumps(partition.to_json(), indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _require(condition: bool, path: Path, what: str) -> None:
+    if not condition:
+        raise ArtifactError(
+            f"partition file {path} is malformed ({what}); recreate it with 'pfedmoap partition'"
+        )
+
+
+def _index_list(value: Any, path: Path, what: str) -> tuple[int, ...]:
+    _require(isinstance(value, list), path, f"{what} is not a list")
+    _require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value), path, f"{what} holds a non-index")
+    _require(len(set(value)) == len(value), path, f"{what} repeats an index")
+    return tuple(value)
+
+
+def _histogram(value: Any, path: Path, what: str) -> dict[int, int]:
+    _require(isinstance(value, dict), path, f"{what} is not an object")
+    try:
+        return {int(k): int(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        _require(False, path, f"{what} has non-integer entries")
+        raise  # unreachable, keeps type checkers calm
+
+
+def partition_from_json(data: Any, path: Path) -> Partition:
+    """Validate a decoded partition document and build a :class:`Partition`.
+
+    Raises
+    ------
+    ArtifactError
+        On a wrong schema version or any structural defect.
+    """
+    _require(isinstance(data, dict), path, "top level is not an object")
+    schema = data.get("schema")
+    if schema != PARTITION_SCHEMA:
+        raise ArtifactError(
+            f"partition file {path} has schema {schema!r}, this version reads {PARTITION_SCHEMA!r}; "
+            "recreate it with 'pfedmoap partition'"
+        )
+    for key, kind in [
+        ("dataset", str),
+        ("dataset_options", dict),
+        ("dataset_fingerprint", str),
+        ("class_names", list),
+        ("scheme", str),
+        ("params", dict),
+        ("clients", list),
+    ]:
+        _require(isinstance(data.get(key), kind), path, f"'{key}' missing or not a {kind.__name__}")
+    class_names = data["class_names"]
+    _require(all(isinstance(n, str) for n in class_names) and class_names, path, "class_names")
+    clients = []
+    for position, raw in enumerate(data["clients"]):
+        _require(isinstance(raw, dict), path, f"client {position} is not an object")
+        _require(raw.get("client_id") == position, path, f"client {position} has id {raw.get('client_id')!r}")
+        domain = raw.get("domain")
+        _require(domain is None or isinstance(domain, str), path, f"client {position} domain")
+        clients.append(
+            PartitionClient(
+                client_id=position,
+                train=_index_list(raw.get("train"), path, f"client {position} train"),
+                test=_index_list(raw.get("test"), path, f"client {position} test"),
+                domain=domain,
+                train_histogram=_histogram(raw.get("train_histogram", {}), path, f"client {position} train_histogram"),
+                test_histogram=_histogram(raw.get("test_histogram", {}), path, f"client {position} test_histogram"),
+            )
+        )
+    _require(len(clients) > 0, path, "no clients")
+    return Partition(
+        dataset=data["dataset"],
+        dataset_options=data["dataset_options"],
+        dataset_fingerprint=data["dataset_fingerprint"],
+        class_names=tuple(class_names),
+        scheme=data["scheme"],
+        params=data["params"],
+        clients=tuple(clients),
+    )
+
+
+def save_partition(partition: Partition, directory: Path, make_current: bool = True) -> tuple[Path, str]:
+    """Write ``partition`` into ``directory`` atomically; return (path, sha256).
+
+    Writing the same partition twice gives the same file (same name, same bytes).
+    """
+    payload = _encode(partition)
+    path = Path(directory) / partition.file_name()
+    atomic_write_text(path, payload.decode("utf-8"))
+    if make_current:
+        atomic_write_text(Path(directory) / CURRENT_POINTER, path.name + "\n")
+    return path, sha256_bytes(payload)
+
+
+def load_partition(path: Path) -> tuple[Partition, str]:
+    """Read and validate a partition file; return (partition, sha256 of its bytes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"partition file {path} does not exist; create one with 'pfedmoap partition'")
+    payload = path.read_bytes()
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(
+            f"partition file {path} is not valid JSON ({error.msg if hasattr(error, 'msg') else error}); "
+            "recreate it with 'pfedmoap partition'"
+        ) from None
+    return partition_from_json(data, path), sha256_bytes(payload)
+
+
+def resolve_partition_path(directory: Path, name: str | None) -> Path:
+    """Find a partition by file path, file name, or (``name`` None) the current pointer."""
+    directory = Path(directory)
+    if name:
+        candidate = Path(name)
+        if candidate.is_file():
+            return candidate
+        in_dir = directory / (name if name.endswith(".json") else name + ".json")
+        if in_dir.is_file():
+            return in_dir
+        raise ArtifactError(f"no partition '{name}' in {directory}; list them with 'ls {directory}' or create one with 'pfedmoap partition'")
+    pointer = directory / CURRENT_POINTER
+    if not pointer.is_file():
+        raise ArtifactError(f"no current partition in {directory}; create one first with 'pfedmoap partition --dataset synthetic'")
+    target = directory / pointer.read_text().strip()
+    if not target.is_file():
+        raise ArtifactError(f"the current partition {target} is missing; run 'pfedmoap partition' again")
+    return target

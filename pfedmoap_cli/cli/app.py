@@ -1,0 +1,95 @@
+"""The ``pfedmoap`` command: typer wiring and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pfedmoap_cli import __version__
+from pfedmoap_cli.cli import download_cmd, evaluate_cmd, partition_cmd, report_cmd, train_cmd
+from pfedmoap_cli.cli.context import CliContext
+from pfedmoap_cli.errors import UserError
+
+app = typer.Typer(
+    name="pfedmoap",
+    help=(
+        "Personalized federated prompt learning for CLIP: pFedMoAP and its baselines.\n\n"
+        "Stages talk through files in a workspace:\n\n"
+        "  pfedmoap partition --dataset synthetic --pathological --clients 6\n\n"
+        "  pfedmoap train --method promptfl --rounds 2\n\n"
+        "  pfedmoap evaluate --run RUN_ID\n\n"
+        "  pfedmoap report"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pfedmoap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    workspace: Annotated[
+        Path,
+        typer.Option("--workspace", "-w", envvar="PFEDMOAP_WORKSPACE", help="Workspace folder for partitions, runs, caches and reports."),
+    ] = Path("pfedmoap-workspace"),
+    data_root: Annotated[
+        Path, typer.Option("--data-root", envvar="PFEDMOAP_DATA", help="Folder holding the datasets.")
+    ] = Path("data"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
+) -> None:
+    """Options shared by every subcommand."""
+    ctx.obj = CliContext(workspace=workspace, data_root=data_root, progress=not quiet)
+
+
+app.command("download", help=download_cmd.HELP)(download_cmd.download)
+app.command("partition", help=partition_cmd.HELP)(partition_cmd.partition)
+app.command("train", help=train_cmd.HELP)(train_cmd.train)
+app.command("evaluate", help=evaluate_cmd.HELP)(evaluate_cmd.evaluate)
+app.command("report", help=report_cmd.HELP)(report_cmd.report)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning errors into one-line messages.
+
+    A :class:`UserError` prints ``error: <message>`` and exits 2; any other
+    exception is reported as an internal error (exit 1). ``PFEDMOAP_DEBUG=1``
+    shows the traceback instead.
+    """
+    debug = os.environ.get("PFEDMOAP_DEBUG", "") not in {"", "0"}
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        if debug:
+            raise
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; completed rounds are saved, continue with 'pfedmoap train --resume'", err=True)
+        sys.exit(130)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as error:  # noqa: BLE001 -- the single place that maps unexpected errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if debug:
+            raise
+        typer.echo(f"internal error: {type(error).__name__}: {error} (rerun with PFEDMOAP_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)

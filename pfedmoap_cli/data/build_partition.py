@@ -1,0 +1,108 @@
+"""Turn a dataset source and a scheme into a :class:`Partition` artifact."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pfedmoap_cli.artifacts.partition import Partition, PartitionClient
+from pfedmoap_cli.data import partitioners
+from pfedmoap_cli.data.sources.base import DatasetSource
+from pfedmoap_cli.errors import ConfigError
+
+SCHEMES = ("iid", "dirichlet", "pathological")
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    """How to split a dataset over clients."""
+
+    scheme: str
+    num_clients: int
+    seed: int = 1
+    alpha: float | None = None
+    shots: int | None = None
+    min_size: int = 2
+    clients_per_domain: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The parameters recorded in the partition file."""
+        params: dict[str, Any] = {"num_clients": self.num_clients, "seed": self.seed}
+        if self.scheme == "dirichlet":
+            params.update(alpha=self.alpha, min_size=self.min_size)
+        if self.scheme == "pathological":
+            params.update(shots=self.shots)
+        if self.clients_per_domain is not None:
+            params.update(clients_per_domain=self.clients_per_domain)
+        return params
+
+
+def _split(settings: PartitionSettings, train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int, num_clients: int, seed: int):
+    if settings.scheme == "iid":
+        return partitioners.partition_iid(train_labels, test_labels, num_clients=num_clients, seed=seed)
+    if settings.scheme == "dirichlet":
+        return partitioners.partition_dirichlet(
+            train_labels,
+            test_labels,
+            num_classes=num_classes,
+            num_clients=num_clients,
+            alpha=settings.alpha,
+            seed=seed,
+            min_size=settings.min_size,
+        )
+    if settings.scheme == "pathological":
+        return partitioners.partition_pathological(
+            train_labels, test_labels, num_classes=num_classes, num_clients=num_clients, shots=settings.shots, seed=seed
+        )
+    raise ConfigError(f"unknown partition scheme '{settings.scheme}'; choose one of: {', '.join(SCHEMES)}")
+
+
+def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_options: dict[str, Any]) -> Partition:
+    """Split ``source`` over clients as ``settings`` say and describe the result."""
+    if settings.num_clients < 1:
+        raise ConfigError("--clients must be at least 1")
+    train, test = source.samples("train"), source.samples("test")
+    train_labels = np.array([s.label for s in train], dtype=np.int64)
+    test_labels = np.array([s.label for s in test], dtype=np.int64)
+    num_classes = len(source.class_names)
+    if settings.clients_per_domain is not None:
+        if not source.domains:
+            raise ConfigError(f"dataset {source.name} has no domains; drop --clients-per-domain")
+        train_domains = [s.domain for s in train]
+        test_domains = [s.domain for s in test]
+
+        def split_fn(train_idx, test_idx, count, domain_index):
+            return _split(
+                settings, train_labels[train_idx], test_labels[test_idx], num_classes, count, partitioners.domain_seed(settings.seed, domain_index)
+            )
+
+        splits = partitioners.partition_by_domain(train_domains, test_domains, list(source.domains), settings.clients_per_domain, split_fn)
+        scheme = f"domain-{settings.scheme}"
+    else:
+        splits = _split(settings, train_labels, test_labels, num_classes, settings.num_clients, settings.seed)
+        scheme = settings.scheme
+    clients = tuple(
+        PartitionClient(
+            client_id=i,
+            train=tuple(int(x) for x in split.train),
+            test=tuple(int(x) for x in split.test),
+            domain=split.domain,
+            train_histogram=dict(Counter(int(train_labels[j]) for j in split.train)),
+            test_histogram=dict(Counter(int(test_labels[j]) for j in split.test)),
+        )
+        for i, split in enumerate(splits)
+    )
+    params = settings.params()
+    params["num_clients"] = len(clients)
+    return Partition(
+        dataset=source.name,
+        dataset_options=dict(dataset_options),
+        dataset_fingerprint=source.fingerprint(),
+        class_names=tuple(source.class_names),
+        scheme=scheme,
+        params=params,
+        clients=clients,
+    )

@@ -1,0 +1,109 @@
+"""Everything a run needs, assembled from its settings and partition.
+
+Shared by ``train`` and ``evaluate``: opens the dataset and checks it is the
+one the partition was made from, loads the frozen backbone, builds the prompt
+encoder and the method, and loads (or computes once) the test features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pfedmoap_cli.artifacts.partition import Partition
+from pfedmoap_cli.data.sources import open_dataset
+from pfedmoap_cli.data.sources.base import DatasetSource, Sample
+from pfedmoap_cli.engine.settings import TrainSettings
+from pfedmoap_cli.errors import ArtifactError, ConfigError
+from pfedmoap_cli.methods.base import FederatedMethod, LocalTraining, MethodEnv, get_method
+from pfedmoap_cli.model.backbone import BackboneSpec, FrozenClip, load_backbone, resolve_device
+from pfedmoap_cli.model.features import cached_image_features
+from pfedmoap_cli.model.prompt import PromptTextEncoder
+
+
+@dataclass
+class Session:
+    """A dataset, a frozen model and a method, ready for the round loop."""
+
+    settings: TrainSettings
+    partition: Partition
+    partition_sha256: str
+    source: DatasetSource
+    train_samples: list[Sample]
+    test_samples: list[Sample]
+    clip: FrozenClip
+    method: FederatedMethod
+    test_features: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+
+def open_partition_dataset(partition: Partition, data_root: Path) -> DatasetSource:
+    """Open the partition's dataset and refuse it if its samples changed."""
+    source = open_dataset(partition.dataset, Path(data_root), **partition.dataset_options)
+    if source.fingerprint() != partition.dataset_fingerprint:
+        raise ArtifactError(
+            f"the {partition.dataset} data under {data_root} differs from the data this partition was made from "
+            "(sample hash mismatch); recreate the partition with 'pfedmoap partition' or point --data-root at the original data"
+        )
+    return source
+
+
+def method_options(method_cls: type[FederatedMethod], raw: dict) -> object:
+    """Build a method's typed options from the settings' ``method_options``."""
+    if method_cls.Options is type(None):
+        if raw:
+            raise ConfigError(f"method {method_cls.name} takes no method options, got {sorted(raw)}; remove them")
+        return None
+    known = {f.name: f for f in dataclasses.fields(method_cls.Options)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"method {method_cls.name} has no option(s) {unknown}; its options are {sorted(known)}")
+    return method_cls.Options(**raw)
+
+
+def backbone_spec(settings: TrainSettings) -> BackboneSpec:
+    """The backbone named by the settings ("none" means random initialisation)."""
+    pretrained = settings.pretrained if settings.pretrained.lower() not in {"", "none"} else None
+    return BackboneSpec(model=settings.backbone, pretrained=pretrained, init_seed=settings.backbone_seed)
+
+
+def open_session(settings: TrainSettings, partition: Partition, partition_sha256: str, data_root: Path, features_cache: Path, progress: bool = True) -> Session:
+    """Assemble a :class:`Session`; raises user errors for anything misconfigured."""
+    method_cls = get_method(settings.method)
+    options = method_options(method_cls, settings.method_options)
+    source = open_partition_dataset(partition, data_root)
+    device = resolve_device(settings.device)
+    clip = load_backbone(backbone_spec(settings), device=device, amp=settings.amp)
+    text_encoder = PromptTextEncoder(
+        clip, list(partition.class_names), n_ctx=settings.n_ctx, init_phrase=settings.ctx_init or None, truncate=settings.truncate_prompts
+    ).to(device)
+    env = MethodEnv(
+        clip=clip,
+        text_encoder=text_encoder,
+        class_names=tuple(partition.class_names),
+        num_clients=partition.num_clients,
+        training=LocalTraining(settings.local_epochs, settings.lr, settings.momentum, settings.weight_decay),
+        seed=settings.seed,
+        device=device,
+    )
+    method = method_cls(env, options)
+    train_samples, test_samples = source.samples("train"), source.samples("test")
+    features = cached_image_features(
+        clip,
+        lambda i: source.load_image(test_samples[i]),
+        [s.key for s in test_samples],
+        source.fingerprint(),
+        features_cache,
+        batch_size=settings.eval_batch_size,
+        progress=progress,
+        desc="test features",
+    ).to(device)
+    labels = torch.tensor([s.label for s in test_samples], dtype=torch.long, device=device)
+    return Session(settings, partition, partition_sha256, source, train_samples, test_samples, clip, method, features, labels)

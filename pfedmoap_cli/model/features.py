@@ -1,0 +1,183 @@
+"""Frozen image features of test sets, computed once per backbone and cached on disk.
+
+Test images go through a deterministic transform and a frozen encoder, so
+their features are a pure function of (weights, image bytes, transform,
+arithmetic). Every round of every run re-scores the same test sets, so
+computing them once is exact and the largest single saving (PROTOCOL.md
+section 1). The cache file is named by a content hash of everything the
+features depend on; a mismatching or unreadable file is recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from pfedmoap_cli.artifacts.atomic import atomic_write, sha256_json
+from pfedmoap_cli.compat import import_open_clip
+from pfedmoap_cli.model.backbone import FrozenClip
+
+CACHE_SCHEMA = "pfedmoap-image-features/1"
+TENSOR_NAME = "features"
+
+ImageLoader = Callable[[int], Image.Image]
+
+
+def feature_cache_key(clip: FrozenClip, dataset_fingerprint: str, sample_keys: list[str], transform_id: str) -> str:
+    """Content hash naming the features of ``sample_keys`` under this backbone.
+
+    Parameters
+    ----------
+    clip:
+        The backbone (its weight identity and arithmetic enter the key: bf16 on
+        CUDA gives other numbers than fp32).
+    dataset_fingerprint:
+        Hash of the dataset's files/sample list, supplied by the data layer.
+    sample_keys:
+        Stable ids of the images, in the order of the returned rows.
+    transform_id:
+        Description of the image transform (``clip.test_transform_id()``).
+    """
+    return sha256_json(
+        {
+            "schema": CACHE_SCHEMA,
+            "backbone": clip.spec.identity(),
+            # Random-init weights depend on the library's initialisers; cheap insurance.
+            "open_clip": import_open_clip().__version__,
+            "dataset": dataset_fingerprint,
+            "samples": sha256_json(list(sample_keys)),
+            "transform": transform_id,
+            "precision": clip.precision(),
+        }
+    )
+
+
+class _TransformedImages(torch.utils.data.Dataset):
+    """Index -> transformed image tensor (a Dataset so DataLoader workers can decode in parallel)."""
+
+    def __init__(self, load_image: ImageLoader, count: int, transform) -> None:
+        self.load_image = load_image
+        self.count = count
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.load_image(index))
+
+
+def compute_image_features(
+    clip: FrozenClip,
+    load_image: ImageLoader,
+    count: int,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "features",
+) -> torch.Tensor:
+    """Normalised float32 features (count, D) of images 0..count-1, without any cache.
+
+    Parameters
+    ----------
+    clip:
+        The frozen backbone; images go through ``clip.test_transform()``.
+    load_image:
+        ``load_image(i)`` returns image i as an RGB PIL image.
+    count:
+        Number of images.
+    batch_size, num_workers:
+        Encoder batch size; DataLoader worker processes for decoding (0: in this
+        process; >0 needs a picklable ``load_image``).
+    progress, desc:
+        tqdm progress bar switch and label.
+    """
+    from tqdm.auto import tqdm
+
+    dataset = _TransformedImages(load_image, count, clip.test_transform())
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=clip.device.type == "cuda",
+    )
+    features = torch.empty(count, clip.embed_dim, dtype=torch.float32)
+    row = 0
+    with tqdm(total=count, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for images in loader:
+            batch = clip.encode_images(images).cpu()
+            features[row : row + batch.shape[0]] = batch
+            row += batch.shape[0]
+            bar.update(batch.shape[0])
+    return features
+
+
+def _read_cache(path: Path, key: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+            features = handle.get_tensor(TENSOR_NAME)
+    except Exception:  # truncated, corrupt or foreign file: treat as a miss and rewrite it
+        return None
+    if tuple(features.shape) != shape or features.dtype != torch.float32:
+        return None
+    return features
+
+
+def cached_image_features(
+    clip: FrozenClip,
+    load_image: ImageLoader,
+    sample_keys: list[str],
+    dataset_fingerprint: str,
+    cache_dir: Path,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "features",
+) -> torch.Tensor:
+    """Features (N, D) of the N images named by ``sample_keys``, from the cache when possible.
+
+    Parameters
+    ----------
+    clip:
+        The frozen backbone.
+    load_image:
+        ``load_image(i)`` returns the RGB PIL image of ``sample_keys[i]``; not
+        called at all on a cache hit.
+    sample_keys:
+        Stable ids of the images; row i of the result belongs to ``sample_keys[i]``.
+    dataset_fingerprint:
+        Hash identifying the dataset's contents.
+    cache_dir:
+        Directory of the cache (e.g. ``<workspace>/cache/features``); the file is
+        ``<cache_dir>/<key>.safetensors``.
+    batch_size, num_workers, progress, desc:
+        As in :func:`compute_image_features`.
+
+    Returns
+    -------
+    Tensor
+        float32, L2-normalised, on the CPU.
+    """
+    from safetensors.torch import save_file
+
+    key = feature_cache_key(clip, dataset_fingerprint, sample_keys, clip.test_transform_id())
+    path = Path(cache_dir) / f"{key}.safetensors"
+    shape = (len(sample_keys), clip.embed_dim)
+    if path.is_file():
+        cached = _read_cache(path, key, shape)
+        if cached is not None:
+            return cached
+    features = compute_image_features(
+        clip, load_image, len(sample_keys), batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc
+    )
+    metadata = {"key": key, "backbone": clip.spec.identity(), "num": str(len(sample_keys)), "schema": CACHE_SCHEMA}
+    atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=metadata))
+    return features
