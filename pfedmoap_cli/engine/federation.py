@@ -26,7 +26,7 @@ from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics, truncate_m
 from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
-from pfedmoap_cli.engine.seeding import derive_seed, sample_clients, torch_generator
+from pfedmoap_cli.seeding import derive_seed, sample_clients, torch_generator
 from pfedmoap_cli.engine.session import Session
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.methods.base import ClientJob, ClientResult, RoundView, State
