@@ -69,7 +69,10 @@ def main() -> None:
     """
     debug = os.environ.get("PFEDMOAP_DEBUG", "") not in {"", "0"}
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click hands back exit codes instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except UserError as error:
         if debug:
             raise

@@ -1,0 +1,155 @@
+"""pFedMoAP's gating network: attention of an image over the experts' class features.
+
+Luo, Chen, Wu, "Mixture of Experts Made Personalized: Federated Prompt
+Learning for Vision-Language Models" (ICLR 2025). PROTOCOL.md section 2:
+
+* ``pool(x) = x[..., ::r]`` with ``r = D / d_g`` -- every r-th coordinate of the
+  already normalised feature, no averaging and no re-normalising;
+* multi-head attention with four ``Linear(d_g, d_g)`` layers with bias (W_q, W_k,
+  W_v, W_o), no dropout, no residual, no layer norm. For each class c the query
+  is ``pool(I_b)`` and keys = values are the pooled class-c features of the
+  K+1 experts, local expert first; scores are ``(Q K^T) * sigma`` (sigma replaces
+  ``1/sqrt(d_k)``), a softmax over the experts, ``out = W_o(concat heads)``;
+* ``logits = lambda * s * I T_local^T + s * <pool(I_b), T_MoE[b, c]>``, and just
+  the local logits (no lambda) when there are no non-local experts.
+
+All classes are handled at once (one einsum over classes, heads and experts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pfedmoap_cli.errors import ConfigError
+
+
+def pool_stride(embed_dim: int, gating_dim: int) -> int:
+    """``r = D / d_g``; a :class:`ConfigError` when ``d_g`` does not divide ``D``."""
+    if gating_dim < 1 or embed_dim % gating_dim != 0:
+        raise ConfigError(
+            f"the gating width d_g={gating_dim} must divide the CLIP embedding width D={embed_dim}; "
+            f"pass --method-option gating_dim=N with N a divisor of {embed_dim}"
+        )
+    return embed_dim // gating_dim
+
+
+def pool_features(features: torch.Tensor, gating_dim: int) -> torch.Tensor:
+    """``features[..., ::r]`` with ``r = D / d_g`` (D is the last dimension)."""
+    return features[..., :: pool_stride(features.shape[-1], gating_dim)]
+
+
+class GatingNetwork(torch.nn.Module):
+    """Multi-head attention from pooled image features to pooled expert text features.
+
+    Parameters
+    ----------
+    embed_dim:
+        D, the width of the image and text features it reads.
+    dim:
+        d_g, the width after pooling and of every projection (128 in the paper).
+    heads:
+        Number of attention heads h; must divide ``dim``.
+    scaling:
+        sigma, the factor applied to ``Q K^T`` (10 in the paper).
+    generator:
+        Seeds the initialisation (torch's default ``Linear`` init:
+        weights and biases ~ U(-1/sqrt(d_g), 1/sqrt(d_g))) without touching the
+        global RNG. ``None`` keeps the module's own default init.
+    """
+
+    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 8, scaling: float = 10.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.stride = pool_stride(embed_dim, dim)
+        if heads < 1 or dim % heads != 0:
+            raise ConfigError(f"gating_heads={heads} must divide gating_dim={dim}; pass --method-option gating_heads=N with N a divisor of {dim}")
+        self.embed_dim, self.dim, self.heads, self.scaling = int(embed_dim), int(dim), int(heads), float(scaling)
+        self.W_q = torch.nn.Linear(dim, dim)
+        self.W_k = torch.nn.Linear(dim, dim)
+        self.W_v = torch.nn.Linear(dim, dim)
+        self.W_o = torch.nn.Linear(dim, dim)
+        if generator is not None:
+            self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """torch's default ``Linear`` init (kaiming_uniform with a=sqrt(5) = U(+-1/sqrt(fan_in)))."""
+        bound = 1.0 / math.sqrt(self.dim)
+        for layer in (self.W_q, self.W_k, self.W_v, self.W_o):
+            for tensor in (layer.weight, layer.bias):
+                draw = torch.empty(tensor.shape, dtype=torch.float32, device=generator.device)
+                draw.uniform_(-bound, bound, generator=generator)
+                tensor.copy_(draw.to(tensor.device, tensor.dtype))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """``features[..., ::r]``."""
+        if features.shape[-1] != self.embed_dim:
+            raise ValueError(f"features of width {features.shape[-1]} given to a gating network built for D={self.embed_dim}")
+        return features[..., :: self.stride]
+
+    def forward(self, image_features: torch.Tensor, expert_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix the experts' class features for every image.
+
+        Parameters
+        ----------
+        image_features:
+            (B, D) normalised image features.
+        expert_features:
+            (E, C, D) normalised class features of E = K+1 experts, local first.
+
+        Returns
+        -------
+        (Tensor, Tensor)
+            ``T_MoE`` (B, C, d_g) and the attention weights (B, h, C, E), which
+            sum to 1 over the last dimension.
+        """
+        batch, (experts, classes) = image_features.shape[0], expert_features.shape[:2]
+        heads, head_dim = self.heads, self.dim // self.heads
+        query = self.W_q(self.pool(image_features)).view(batch, heads, head_dim)
+        pooled = self.pool(expert_features)
+        key = self.W_k(pooled).view(experts, classes, heads, head_dim)
+        value = self.W_v(pooled).view(experts, classes, heads, head_dim)
+        scores = torch.einsum("bhk,echk->bhce", query, key) * self.scaling
+        attention = scores.softmax(dim=-1)
+        mixed = torch.einsum("bhce,echk->bchk", attention, value).reshape(batch, classes, self.dim)
+        return self.W_o(mixed), attention
+
+
+def mixture_logits(
+    image_features: torch.Tensor,
+    expert_features: torch.Tensor,
+    gating: GatingNetwork | None,
+    lam: float,
+    logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pFedMoAP's logits (B, C) and the gating's attention weights.
+
+    Parameters
+    ----------
+    image_features:
+        (B, D) normalised image features.
+    expert_features:
+        (E, C, D) class features of the local expert (index 0) and the K
+        non-local experts; with E = 1 (no non-local expert) the result is the
+        plain local logits ``s * I T_local^T`` with no lambda factor.
+    gating:
+        The client's gating network (unused, and may be ``None``, when E = 1).
+    lam:
+        lambda, the weight of the local logits.
+    logit_scale:
+        s = exp(CLIP's logit_scale).
+
+    Returns
+    -------
+    (Tensor, Tensor or None)
+        Logits and the attention weights (B, h, C, E), ``None`` without experts.
+    """
+    local_logits = logit_scale * image_features @ expert_features[0].t()
+    if expert_features.shape[0] == 1:
+        return local_logits, None
+    if gating is None:
+        raise ValueError("non-local experts given without a gating network")
+    moe, attention = gating(image_features, expert_features)
+    mixed = torch.einsum("bd,bcd->bc", gating.pool(image_features), moe)
+    return lam * local_logits + logit_scale * mixed, attention
