@@ -9,10 +9,9 @@ import typer
 
 from pfedmoap_cli.artifacts.partition import load_partition, resolve_partition_path
 from pfedmoap_cli.cli.parsing import parse_key_values
-from pfedmoap_cli.engine.federation import Federation
-from pfedmoap_cli.engine.run_record import completed_rounds, read_run_record, run_settings, write_run_record
-from pfedmoap_cli.engine.session import open_session
-from pfedmoap_cli.engine.settings import TrainSettings, default_run_id, merge_settings, validate_settings
+from pfedmoap_cli.engine.run_record import read_run_record, run_settings
+from pfedmoap_cli.engine.runner import IfExists, execute_run
+from pfedmoap_cli.engine.settings import TrainSettings, merge_settings, validate_settings
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import ArtifactError, ConfigError
 from pfedmoap_cli.recipes import load_recipe, read_toml
@@ -81,41 +80,27 @@ def train(
         method_options=parse_key_values(method_option, "--method-option") if method_option else None,
     )
     if resume and run_id:
-        paths = RunPaths(ws.run_dir(run_id))
-        record = read_run_record(paths)
+        record = read_run_record(RunPaths(ws.run_dir(run_id)))
         given = sorted(k for k, v in flags.items() if v is not None and k not in {"device", "eval_batch_size"})
         if given or config:
-            raise ConfigError(f"--resume --run-id takes its settings from the run; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config'}")
+            drop = ", ".join("--" + g.replace("_", "-") for g in given) or "--config"
+            raise ConfigError(f"--resume --run-id takes its settings from the run; drop {drop}")
         settings = run_settings(record)
         settings = validate_settings(merge_settings(settings, {"device": device, "eval_batch_size": eval_batch_size}, "the command line"))
         partition_path = Path(record["partition_file"])
-    else:
-        partition_path = resolve_partition_path(ws.partitions_dir, partition)
-    part, part_sha = load_partition(partition_path)
-    if resume and run_id:
-        if part_sha != record["partition_sha256"]:
+        if load_partition(partition_path)[1] != record["partition_sha256"]:
             raise ArtifactError(f"partition {partition_path} changed since run {run_id} started; it cannot be resumed")
     else:
-        settings = resolve_settings(part.dataset, config, flags)
-        run_id = run_id or default_run_id(settings, part.dataset, part_sha)
-        paths = RunPaths(ws.run_dir(run_id))
-        done = completed_rounds(paths) if paths.run_json.is_file() else 0
-        if resume and not paths.run_json.is_file():
-            raise ArtifactError(f"no run {run_id} to resume (no run matches these settings); start it without --resume")
-        if not resume and paths.run_json.is_file():
-            raise ArtifactError(
-                f"run {run_id} already exists ({done}/{settings.rounds} rounds); pass --resume to continue it or --run-id NAME for a new run"
-            )
-    if completed_rounds(paths) >= settings.rounds:
-        typer.echo(f"run {run_id} is already complete ({settings.rounds} rounds); see 'pfedmoap report'")
+        partition_path = resolve_partition_path(ws.partitions_dir, partition)
+        settings = resolve_settings(load_partition(partition_path)[0].dataset, config, flags)
+    outcome = execute_run(
+        ws, cli.data_root, settings, partition_path, run_id=run_id,
+        if_exists=IfExists.RESUME if resume else IfExists.ERROR, progress=cli.progress, stop_after=stop_after,
+    )
+    if outcome.last_round is None and outcome.finished:
+        typer.echo(f"run {outcome.run_id} is already complete ({outcome.total_rounds} rounds); see 'pfedmoap report'")
         return
-    session = open_session(settings, part, part_sha, cli.data_root, ws.features_cache_dir, progress=cli.progress)
-    if not paths.run_json.is_file():
-        write_run_record(paths, run_id, settings, part.dataset, partition_path.resolve(), part_sha)
-    federation = Federation(session, run_id, paths, progress=cli.progress)
-    last: list = []
-    finished = federation.run(stop_after=stop_after, on_round=last.append)
-    typer.echo(f"run {run_id}: {finished}/{settings.rounds} rounds complete")
-    if last:
-        typer.echo(f"  round {last[-1].round_index}: mean client accuracy {100 * last[-1].mean_accuracy:.2f}%")
-    typer.echo(f"  metrics: {paths.metrics_csv}")
+    typer.echo(f"run {outcome.run_id}: {outcome.completed_rounds}/{outcome.total_rounds} rounds complete")
+    if outcome.last_round is not None:
+        typer.echo(f"  round {outcome.last_round.round_index}: mean client accuracy {100 * outcome.last_round.mean_accuracy:.2f}%")
+    typer.echo(f"  metrics: {outcome.paths.metrics_csv}")

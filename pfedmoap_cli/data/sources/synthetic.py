@@ -44,6 +44,9 @@ DOMAINS: tuple[str, ...] = ("photo", "sketch", "noisy")
 SUPERSAMPLE = 2  # masks are drawn at 2x and box-downsampled: cheap anti-aliasing
 MAX_ROTATION_DEG = 20.0
 _SALT = 0x5EED_C1A5  # separates this generator's streams from any other use of the same seed
+# The micro-CLIP's pretraining images come from their own salted stream, so they are never
+# the dataset's train or test images (scripts/pretrain_microclip.py, tests/test_microclip.py).
+_PRETRAIN_SALT = 0x9E7_C11B
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,29 @@ def _render_noisy(colour: str, shape: str, size: int, rng: np.random.Generator) 
 _RENDERERS = {"photo": _render_photo, "sketch": _render_sketch, "noisy": _render_noisy}
 
 
+def render(label: int, domain: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Pixels (image_size, image_size, 3) uint8 of class ``label`` in ``domain``, drawn from ``rng``."""
+    colour, shape = class_names()[label].split(" ")
+    pixels = _RENDERERS[domain](colour, shape, image_size, rng)
+    return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def pretraining_image(seed: int, domain: str, label: int, index: int, image_size: int = 32) -> np.ndarray:
+    """Image ``index`` of (``domain``, ``label``) in the micro-CLIP's pretraining stream ``seed``.
+
+    Rendered like the dataset's images but from a separately salted seed
+    sequence, so no pretraining image is a train or test image of any
+    :class:`SyntheticSource` (whatever its seed).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 pixels of shape (image_size, image_size, 3).
+    """
+    entropy = [_PRETRAIN_SALT, int(seed), DOMAINS.index(domain), int(label), int(index)]
+    return render(label, domain, image_size, np.random.default_rng(np.random.SeedSequence(entropy)))
+
+
 @register_dataset
 class SyntheticSource(DatasetSource):
     """Deterministic procedural shapes: 36 classes x 3 domains, rendered on demand.
@@ -269,7 +295,5 @@ class SyntheticSource(DatasetSource):
         ):
             raise ConfigError(f"{sample.key!r} is not a synthetic sample key; use samples() of this source")
         domain, index = parts[1], int(parts[3])
-        colour, shape = self.class_names[label].split(" ")
         rng = self._rng(parts[0], domain, label, index)
-        pixels = _RENDERERS[domain](colour, shape, self.settings.image_size, rng)
-        return Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
+        return Image.fromarray(render(label, domain, self.settings.image_size, rng), "RGB")

@@ -1,0 +1,405 @@
+"""pFedMoAP: personalized federated prompt learning as a mixture of experts.
+
+Luo, Chen, Wu, "Mixture of Experts Made Personalized: Federated Prompt
+Learning for Vision-Language Models" (ICLR 2025, arXiv 2410.10114), as
+PROTOCOL.md sections 2-4 and 7 define it.
+
+Each round the sampled clients start from the global CoOp prompt. A client
+that has trained before also downloads K non-local experts -- other clients'
+latest prompts from the round-start pool P_{t-1} -- and learns, next to its
+prompt, a private attention-based gating network that mixes the K+1 experts'
+class features per image (:mod:`pfedmoap_cli.model.gating`). The server
+averages the prompts (FedAvg, weighted by training-set size) into the next
+global prompt and stores each participant's prompt in the pool (visible from
+the next round). Gating networks never leave their client.
+
+Deviations from the reference code (PROTOCOL.md section 7): per-client gating
+and a fresh optimiser per client and round, ``nearest`` selection that works
+(and is the default), a round-start pool snapshot, fp32 training, explicit
+rules for clients that sat a round out or never trained.
+
+Options (``--method-option KEY=VALUE``)
+---------------------------------------
+num_experts : int, default 9
+    K, the number of NON-local experts (the reference's ``--num_experts`` minus 1).
+expert_selection : {"nearest", "random"}, default "nearest"
+    ``nearest``: the K pool prompts closest (Frobenius norm) to the client's
+    own; ``random``: K drawn uniformly, seeded by (seed, round, client).
+lam : float, default 0.5
+    lambda, the weight of the local logits (Table 1 also reports 0).
+gating_dim : int, default 128
+    d_g, the pooled width; must divide the CLIP embedding width D.
+gating_heads : int, default 8
+    Attention heads; must divide ``gating_dim``.
+gating_scaling : float, default 10.0
+    sigma, the factor on ``Q K^T`` in place of ``1/sqrt(d_k)``.
+gating_lr : float, default 0.01
+    Constant SGD learning rate of the gating network (the prompt uses the
+    run's ``--lr`` with the cosine schedule).
+share_expert_features : bool, default True
+    Encode every expert prompt once per round for all clients; ``False``
+    re-encodes them per client (same numbers, slower; for benchmarks).
+
+State
+-----
+server: ``ctx`` (n_ctx, W) the global prompt; ``pool`` (N, n_ctx, W) every
+client's latest uploaded prompt and ``pool_mask`` (N,) which entries exist.
+client: ``ctx`` its latest local prompt, ``gating.*`` its gating network, and
+``expert_ids`` the client ids of the experts it last trained with (to be
+evaluated with exactly those, PROTOCOL.md section 3 step 5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pfedmoap_cli.errors import ConfigError
+from pfedmoap_cli.methods.base import (
+    ClientEvaluator,
+    ClientJob,
+    ClientResult,
+    FederatedMethod,
+    MethodEnv,
+    RoundView,
+    State,
+    register_method,
+    tensor_bytes,
+)
+from pfedmoap_cli.methods.local_training import cross_entropy, prompt_logits, run_local_epochs, weighted_average
+from pfedmoap_cli.model.gating import GatingNetwork, mixture_logits, pool_stride
+from pfedmoap_cli.seeding import derive_seed, torch_generator
+
+SELECTIONS = ("nearest", "random")
+GATING_PREFIX = "gating."
+#: Prompts per text-encoder call when the evaluator encodes many prompts.
+EVAL_PROMPT_CHUNK = 64
+#: Test images per gating call in :meth:`MixtureEvaluator.extra_metrics`.
+EVAL_IMAGE_CHUNK = 256
+
+
+# ---- options ----------------------------------------------------------------------------
+def _fix(name: str, example: Any) -> str:
+    return f"pass --method-option {name}={example}"
+
+
+def _as_int(name: str, value: Any, minimum: int, example: int) -> int:
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or int(value) < minimum:
+        raise ConfigError(f"pfedmoap option {name} must be an integer >= {minimum}, got {value!r}; {_fix(name, example)}")
+    return int(value)
+
+
+def _as_float(name: str, value: Any, example: float, strictly_positive: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if strictly_positive else value >= 0)
+    if not ok:
+        bound = "> 0" if strictly_positive else ">= 0"
+        raise ConfigError(f"pfedmoap option {name} must be a finite number {bound}, got {value!r}; {_fix(name, example)}")
+    return float(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "false"}:
+        return value.lower() == "true"
+    raise ConfigError(f"pfedmoap option {name} must be true or false, got {value!r}; {_fix(name, 'true')}")
+
+
+@dataclass(frozen=True)
+class PFedMoAPOptions:
+    """pFedMoAP's hyperparameters (see the module docstring); validated on creation."""
+
+    num_experts: int = 9
+    expert_selection: str = "nearest"
+    lam: float = 0.5
+    gating_dim: int = 128
+    gating_heads: int = 8
+    gating_scaling: float = 10.0
+    gating_lr: float = 0.01
+    share_expert_features: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+        set_("num_experts", _as_int("num_experts", self.num_experts, 0, 9))
+        if self.expert_selection not in SELECTIONS:
+            raise ConfigError(
+                f"pfedmoap option expert_selection must be one of {', '.join(SELECTIONS)}, got {self.expert_selection!r}; "
+                f"{_fix('expert_selection', 'nearest')}"
+            )
+        set_("lam", _as_float("lam", self.lam, 0.5, strictly_positive=False))
+        set_("gating_dim", _as_int("gating_dim", self.gating_dim, 1, 128))
+        set_("gating_heads", _as_int("gating_heads", self.gating_heads, 1, 8))
+        if self.gating_dim % self.gating_heads != 0:
+            raise ConfigError(
+                f"pfedmoap option gating_heads={self.gating_heads} must divide gating_dim={self.gating_dim}; "
+                f"{_fix('gating_heads', 'N')} with N a divisor of {self.gating_dim}"
+            )
+        set_("gating_scaling", _as_float("gating_scaling", self.gating_scaling, 10.0, strictly_positive=True))
+        set_("gating_lr", _as_float("gating_lr", self.gating_lr, 0.01, strictly_positive=True))
+        set_("share_expert_features", _as_bool("share_expert_features", self.share_expert_features))
+
+
+# ---- expert selection -------------------------------------------------------------------
+def select_experts(
+    pool: torch.Tensor, available: torch.Tensor, client_id: int, k: int, selection: str, seed: int | None = None
+) -> list[int]:
+    """Client ids of up to ``k`` non-local experts for ``client_id``.
+
+    Parameters
+    ----------
+    pool:
+        (N, n_ctx, W) every client's latest prompt (rows with ``available`` False are ignored).
+    available:
+        (N,) bool, which pool entries exist.
+    client_id:
+        The client choosing; never chosen itself.
+    k:
+        How many to choose; all available ones when fewer exist.
+    selection:
+        ``nearest``: smallest Frobenius distance to ``pool[client_id]`` (ties go
+        to the lower id), closest first. ``random``: uniformly without
+        replacement from a generator seeded with ``seed``, returned sorted.
+    seed:
+        Required for ``random``; derive it from (experiment seed, round, client)
+        so the draw does not depend on the order clients run in.
+    """
+    mask = available.detach().to("cpu", torch.bool)
+    candidates = [j for j in range(mask.shape[0]) if bool(mask[j]) and j != client_id]
+    if k <= 0 or not candidates:
+        return []
+    if selection == "nearest":
+        if not bool(mask[client_id]):
+            raise ValueError(f"client {client_id} has no pool entry to measure distances from")
+        prompts = pool.detach().to("cpu", torch.float64)
+        distances = (prompts[candidates] - prompts[client_id]).flatten(1).norm(dim=1).tolist()
+        ranked = sorted(zip(distances, candidates))
+        return [j for _, j in ranked[:k]]
+    if selection == "random":
+        if seed is None:
+            raise ValueError("random expert selection needs a seed")
+        if len(candidates) <= k:
+            return candidates
+        drawn = np.random.default_rng(seed).choice(len(candidates), size=k, replace=False)
+        return sorted(candidates[int(i)] for i in drawn)
+    raise ValueError(f"unknown expert selection {selection!r}")
+
+
+@dataclass
+class _ExpertCache:
+    """Text features of the round's expert prompts, shared by every participant."""
+
+    round_index: int
+    pool: torch.Tensor  # the round-start pool tensor these were computed from (identity check)
+    rows: dict[int, int]  # client id -> row of ``features``
+    features: torch.Tensor  # (P, C, D), no grad
+
+
+# ---- the method -------------------------------------------------------------------------
+@register_method
+class PFedMoAP(FederatedMethod):
+    name = "pfedmoap"
+    Options = PFedMoAPOptions
+
+    def __init__(self, env: MethodEnv, options: PFedMoAPOptions | None = None) -> None:
+        super().__init__(env, options if options is not None else PFedMoAPOptions())
+        pool_stride(env.clip.embed_dim, self.options.gating_dim)  # fail at start, not in round 1
+        self._cache: _ExpertCache | None = None
+
+    # -- state ----------------------------------------------------------------------------
+    def initial_server_state(self, generator: torch.Generator) -> State:
+        ctx = self.env.text_encoder.initial_context(generator)
+        pool = torch.zeros((self.env.num_clients, *ctx.shape), dtype=torch.float32, device=ctx.device)
+        return {"ctx": ctx, "pool": pool, "pool_mask": torch.zeros(self.env.num_clients, dtype=torch.bool, device=ctx.device)}
+
+    def new_gating(self, client_id: int) -> GatingNetwork:
+        """A client's gating network at its initial (seeded, default-Linear) weights."""
+        opts = self.options
+        generator = torch_generator(self.env.seed, "gating-init", client_id)
+        gating = GatingNetwork(self.env.clip.embed_dim, opts.gating_dim, opts.gating_heads, opts.gating_scaling, generator=generator)
+        return gating.to(self.env.device)
+
+    def client_gating(self, client_state: Mapping[str, torch.Tensor] | None, client_id: int) -> GatingNetwork:
+        """The client's own gating network: from its state, or freshly initialised."""
+        gating = self.new_gating(client_id)
+        saved = {k[len(GATING_PREFIX) :]: v for k, v in (client_state or {}).items() if k.startswith(GATING_PREFIX)}
+        if saved:
+            gating.load_state_dict(saved)
+        return gating
+
+    def experts_for(self, state: Mapping[str, torch.Tensor], client_id: int, round_index: int, purpose: str = "experts") -> list[int]:
+        """Expert client ids for ``client_id`` from ``state``'s pool (none before its first upload)."""
+        if self.options.num_experts == 0 or not bool(state["pool_mask"][client_id]):
+            return []
+        seed = derive_seed(self.env.seed, purpose, round_index, client_id)
+        return select_experts(state["pool"], state["pool_mask"], client_id, self.options.num_experts, self.options.expert_selection, seed)
+
+    # -- the round ------------------------------------------------------------------------
+    def prepare_round(self, round_index: int, start_state: Mapping[str, torch.Tensor], participants: tuple[int, ...]) -> None:
+        """Encode every expert prompt the participants will use, in one batched pass.
+
+        Expert features depend only on the prompt and the class names, so one
+        text-encoder pass per pool entry serves every client that picks it.
+        """
+        self._cache = None
+        if not self.options.share_expert_features:
+            return
+        ids = sorted({j for c in participants for j in self.experts_for(start_state, c, round_index)})
+        if ids:
+            with torch.no_grad():
+                features = self.env.text_encoder(start_state["pool"][ids]).detach()
+        else:
+            features = torch.empty(0)
+        self._cache = _ExpertCache(round_index, start_state["pool"], {j: row for row, j in enumerate(ids)}, features)
+
+    def expert_features(self, server_state: Mapping[str, torch.Tensor], expert_ids: list[int], round_index: int) -> torch.Tensor | None:
+        """(K, C, D) detached features of the experts' prompts, from the round cache when it applies."""
+        if not expert_ids:
+            return None
+        cache = self._cache
+        if (
+            self.options.share_expert_features
+            and cache is not None
+            and cache.round_index == round_index
+            and cache.pool is server_state["pool"]
+            and all(j in cache.rows for j in expert_ids)
+        ):
+            return cache.features[[cache.rows[j] for j in expert_ids]]
+        with torch.no_grad():
+            return self.env.text_encoder(server_state["pool"][expert_ids]).detach()
+
+    def train_client(self, job: ClientJob) -> ClientResult:
+        env, opts, server = self.env, self.options, job.server_state
+        expert_ids = self.experts_for(server, job.client_id, job.round_index)
+        experts = self.expert_features(server, expert_ids, job.round_index)
+        ctx = torch.nn.Parameter(server["ctx"].detach().clone().to(env.device, torch.float32))
+        gating = self.client_gating(job.client_state, job.client_id)
+
+        def loss_fn(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            local = env.text_encoder(ctx)
+            if experts is None:
+                return cross_entropy(prompt_logits(features, local, env.logit_scale), labels)
+            logits, _ = mixture_logits(features, torch.cat([local.unsqueeze(0), experts]), gating, opts.lam, env.logit_scale)
+            return cross_entropy(logits, labels)
+
+        groups = [{"params": [ctx], "lr": env.training.lr, "cosine": True}]
+        if experts is not None:
+            groups.append({"params": list(gating.parameters()), "lr": opts.gating_lr, "cosine": False})
+        loss = run_local_epochs(job.batches, groups, loss_fn, env.training, env.clip.encode_images)
+
+        trained = ctx.detach().clone()
+        client_state: State = {"ctx": trained, "expert_ids": torch.tensor(expert_ids, dtype=torch.int64, device=trained.device)}
+        client_state.update({GATING_PREFIX + k: v.detach().clone() for k, v in gating.state_dict().items()})
+        upload = {"ctx": trained}
+        prompt_bytes = tensor_bytes({"ctx": server["ctx"]})
+        return ClientResult(
+            upload=upload,
+            client_state=client_state,
+            num_examples=job.num_examples,
+            train_loss=loss,
+            bytes_down=prompt_bytes * (1 + len(expert_ids)),
+            bytes_up=tensor_bytes(upload),
+        )
+
+    def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, Any], round_index: int) -> State:
+        """FedAvg of the prompts into the global one; participants' prompts into the pool."""
+        if not results:
+            return dict(start_state)
+        order = sorted(results)  # a fixed order keeps the float sum independent of scheduling
+        ctx = weighted_average([results[c].upload["ctx"] for c in order], [results[c].num_examples for c in order])
+        pool, mask = start_state["pool"].clone(), start_state["pool_mask"].clone()
+        for c in order:
+            pool[c] = results[c].upload["ctx"].to(pool.device, pool.dtype)
+            mask[c] = True
+        return {"ctx": ctx.to(start_state["ctx"].device), "pool": pool, "pool_mask": mask}
+
+    def evaluator(self, view: RoundView) -> ClientEvaluator:
+        return MixtureEvaluator(self, view)
+
+
+# ---- evaluation -------------------------------------------------------------------------
+@dataclass
+class _ClientPlan:
+    """How one client is scored: its expert features (local first), their ids, its gating."""
+
+    expert_features: torch.Tensor  # (1 + K, C, D)
+    expert_ids: list[int]  # client ids, local expert first
+    gating: GatingNetwork | None
+
+
+class MixtureEvaluator(ClientEvaluator):
+    """Scores every client per PROTOCOL.md section 3 step 5.
+
+    * a participant: its new prompt, its gating and the experts it trained
+      with, taken from the round-start pool P_{t-1};
+    * trained before but sat this round out: its own prompt and gating, and
+      experts chosen (as in training) from the end-of-round pool P_t;
+    * never trained: the global prompt, no experts.
+
+    Every prompt needed is encoded once, in a few batched text-encoder calls.
+    """
+
+    def __init__(self, method: PFedMoAP, view: RoundView) -> None:
+        env, opts = method.env, method.options
+        self.lam, self.logit_scale = opts.lam, env.logit_scale
+        keys: dict[tuple[str, int], int] = {}
+        prompts: list[torch.Tensor] = []
+
+        def need(source: str, index: int, prompt: torch.Tensor) -> tuple[str, int]:
+            if (source, index) not in keys:
+                keys[(source, index)] = len(prompts)
+                prompts.append(prompt.to(env.device, torch.float32))
+            return (source, index)
+
+        wanted: dict[int, tuple[list[tuple[str, int]], list[int], GatingNetwork | None]] = {}
+        for client in range(env.num_clients):
+            state = view.client_states.get(client)
+            if not state or "ctx" not in state:
+                wanted[client] = ([need("global", 0, view.end_state["ctx"])], [], None)
+                continue
+            if client in view.participants:
+                ids = [int(j) for j in state.get("expert_ids", torch.empty(0, dtype=torch.int64)).tolist()]
+                pool = view.start_state["pool"]
+                sources = [need("start", j, pool[j]) for j in ids]
+            else:
+                ids = method.experts_for(view.end_state, client, view.round_index, "eval-experts")
+                pool = view.end_state["pool"]
+                sources = [need("end", j, pool[j]) for j in ids]
+            gating = method.client_gating(state, client) if ids else None
+            wanted[client] = ([need("local", client, state["ctx"]), *sources], [client, *ids], gating)
+
+        with torch.no_grad():
+            features = torch.cat(
+                [env.text_encoder(torch.stack(prompts[i : i + EVAL_PROMPT_CHUNK])) for i in range(0, len(prompts), EVAL_PROMPT_CHUNK)]
+            )
+        self.plans = {
+            client: _ClientPlan(features[[keys[k] for k in sources]], ids, gating) for client, (sources, ids, gating) in wanted.items()
+        }
+
+    def logits(self, client_id: int, image_features: torch.Tensor) -> torch.Tensor:
+        plan = self.plans[client_id]
+        with torch.no_grad():
+            logits, _ = mixture_logits(image_features, plan.expert_features, plan.gating, self.lam, self.logit_scale)
+        return logits
+
+    def extra_metrics(self, client_id: int, image_features: torch.Tensor) -> dict[str, float]:
+        """Mean attention weight each expert received (over heads, classes and test images).
+
+        Keys are ``attention_c<client id>`` (local expert under the client's own
+        id); clients scored without experts report nothing.
+        """
+        plan = self.plans[client_id]
+        if plan.gating is None or len(image_features) == 0:
+            return {}
+        total = torch.zeros(len(plan.expert_ids), dtype=torch.float64, device=image_features.device)
+        with torch.no_grad():
+            for start in range(0, len(image_features), EVAL_IMAGE_CHUNK):
+                _, attention = plan.gating(image_features[start : start + EVAL_IMAGE_CHUNK], plan.expert_features)
+                total += attention.to(torch.float64).mean(dim=(1, 2)).sum(dim=0)
+        means = (total / len(image_features)).tolist()
+        return {f"attention_c{expert:04d}": float(value) for expert, value in zip(plan.expert_ids, means)}
