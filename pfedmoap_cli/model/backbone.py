@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pfedmoap_cli.artifacts.atomic import sha256_file
 from pfedmoap_cli.compat import import_open_clip
 from pfedmoap_cli.errors import ArtifactError, ConfigError, UserError
+from pfedmoap_cli.model import pretrained as project_weights
 from pfedmoap_cli.model import transforms
 from pfedmoap_cli.model.checkpoints import (
     build_openai_model,
@@ -65,7 +66,7 @@ class BackboneSpec:
         open_clip model name (``"RN50-quickgelu"``, ``"ViT-B-16"``, ``"tiny-vit"``,
         ``"tiny-rn"``, ...). For an OpenAI-format checkpoint file it is only a label.
     pretrained:
-        open_clip pretrained tag (``"openai"``), a path to a local checkpoint
+        open_clip pretrained tag (``"openai"``), a tag the project ships (``model/pretrained.py``), a path to a local checkpoint
         file, or ``None`` for random weights.
     init_seed:
         Torch seed of the random weights when ``pretrained`` is ``None``.
@@ -89,7 +90,8 @@ class BackboneSpec:
         if path is not None:
             stat = path.stat()
             return f"{self.model}|sha256:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}"
-        return f"{self.model}|{self.pretrained}"
+        shipped = project_weights.get_pretrained(self.model, self.pretrained)
+        return project_weights.weights_identity(shipped) if shipped else f"{self.model}|{self.pretrained}"
 
 
 class FrozenClip(torch.nn.Module):
@@ -296,6 +298,9 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", amp: b
     elif spec.pretrained is None:
         _check_model_name(open_clip, spec.model)
         clip = _create_seeded(open_clip, spec.model, spec.init_seed, pretrained=None)
+    elif (shipped := project_weights.get_pretrained(spec.model, spec.pretrained)) is not None:
+        clip = _create_seeded(open_clip, spec.model, spec.init_seed, pretrained=None)
+        load_open_clip_state(clip, project_weights.load_pretrained_state(shipped), spec.model, project_weights.weights_path(shipped))
     else:
         _check_model_name(open_clip, spec.model)
         clip = _create_from_tag(open_clip, spec)

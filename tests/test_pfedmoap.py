@@ -1,0 +1,405 @@
+"""pFedMoAP: the gating maths against plain formulas, one SGD step, expert selection,
+the evaluation rules of PROTOCOL.md section 3 step 5, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import one_line_error
+from pfedmoap_cli.errors import ConfigError
+from pfedmoap_cli.methods.base import ClientJob, LocalTraining, MethodEnv, RoundView, tensor_bytes
+from pfedmoap_cli.methods.pfedmoap import PFedMoAP, PFedMoAPOptions, select_experts
+from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
+from pfedmoap_cli.model.gating import GatingNetwork, mixture_logits, pool_features
+from pfedmoap_cli.model.prompt import PromptTextEncoder
+
+CLASSES = ["red circle", "blue square", "green star", "yellow ring"]
+SMALL = dict(gating_dim=16, gating_heads=4)  # tiny models have D = 32
+
+
+# ---- an independent, plain implementation of PROTOCOL.md section 2 ----------------------
+def linear(layer_weight, layer_bias, x):
+    return layer_weight @ x + layer_bias
+
+
+def reference_mixture(image, experts, params, heads, sigma, lam, scale):
+    """Loops over images, classes and heads; explicit softmax. Returns logits, T_MoE, attention."""
+    batch, dim_in = image.shape
+    num_experts, classes = experts.shape[:2]
+    local = scale * torch.stack([torch.stack([image[b] @ experts[0, c] for c in range(classes)]) for b in range(batch)])
+    if num_experts == 1:
+        return local, None, None
+    d_g = params["W_q.weight"].shape[0]
+    stride = dim_in // d_g
+    keep = [stride * j for j in range(d_g)]
+    head_dim = d_g // heads
+    logits = [[None] * classes for _ in range(batch)]
+    moe = [[None] * classes for _ in range(batch)]
+    attention = torch.zeros(batch, heads, classes, num_experts, dtype=image.dtype)
+    for b in range(batch):
+        query_in = image[b, keep]
+        q = linear(params["W_q.weight"], params["W_q.bias"], query_in)
+        for c in range(classes):
+            keys = [linear(params["W_k.weight"], params["W_k.bias"], experts[e, c, keep]) for e in range(num_experts)]
+            values = [linear(params["W_v.weight"], params["W_v.bias"], experts[e, c, keep]) for e in range(num_experts)]
+            outs = []
+            for h in range(heads):
+                part = slice(h * head_dim, (h + 1) * head_dim)
+                scores = [sigma * torch.dot(q[part], keys[e][part]) for e in range(num_experts)]
+                top = max(float(s.detach()) for s in scores)
+                exps = [torch.exp(s - top) for s in scores]
+                total = sum(exps)
+                weights = [x / total for x in exps]
+                attention[b, h, c] = torch.stack(weights).detach()
+                outs.append(sum(w * values[e][part] for e, w in enumerate(weights)))
+            moe[b][c] = linear(params["W_o.weight"], params["W_o.bias"], torch.cat(outs))
+            logits[b][c] = lam * local[b, c] + scale * torch.dot(query_in, moe[b][c])
+    logits = torch.stack([torch.stack(row) for row in logits])
+    moe = torch.stack([torch.stack(row) for row in moe])
+    return logits, moe, attention
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    "batch,classes,dim,d_g,heads,k",
+    [(3, 4, 64, 32, 4, 3), (2, 5, 64, 8, 2, 1), (2, 3, 32, 16, 8, 0), (1, 2, 128, 16, 1, 3)],
+)
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_gating_and_logits_match_plain_formulas(batch, classes, dim, d_g, heads, k, lam):
+    g = torch.Generator().manual_seed(batch * 100 + classes * 10 + k)
+    image = unit(torch.randn(batch, dim, generator=g, dtype=torch.float64))
+    experts = unit(torch.randn(k + 1, classes, dim, generator=g, dtype=torch.float64))
+    gating = GatingNetwork(dim, d_g, heads, scaling=10.0, generator=torch.Generator().manual_seed(7)).double()
+    params = {name: p.detach() for name, p in gating.named_parameters()}
+    logits, attention = mixture_logits(image, experts, gating, lam, logit_scale=14.3)
+    ref_logits, ref_moe, ref_attention = reference_mixture(image, experts, params, heads, 10.0, lam, 14.3)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)
+    if k == 0:
+        assert attention is None  # plain local logits, no lambda factor
+        return
+    moe, attention_direct = gating(image, experts)
+    assert moe.shape == (batch, classes, d_g) and attention.shape == (batch, heads, classes, k + 1)
+    torch.testing.assert_close(moe, ref_moe, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attention, ref_attention, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attention_direct, attention)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(batch, heads, classes, dtype=torch.float64))
+
+
+def test_pool_and_gating_shape_rules():
+    x = torch.arange(64.0).reshape(2, 32)
+    assert pool_features(x, 16).tolist() == x[:, ::2].tolist()
+    assert pool_features(x, 4)[0].tolist() == [0.0, 8.0, 16.0, 24.0]
+    with pytest.raises(ConfigError, match="gating_dim"):
+        pool_features(x, 12)
+    with pytest.raises(ConfigError, match="gating_heads"):
+        GatingNetwork(32, 16, 3)
+    # the paper's size: four Linear(128, 128) with bias
+    assert sum(p.numel() for p in GatingNetwork(1024, 128, 8).parameters()) == 66_048
+
+
+def test_gating_init_is_seeded_default_linear_init():
+    state = torch.random.get_rng_state()
+    a = GatingNetwork(32, 16, 4, generator=torch.Generator().manual_seed(3))
+    b = GatingNetwork(32, 16, 4, generator=torch.Generator().manual_seed(3))
+    c = GatingNetwork(32, 16, 4, generator=torch.Generator().manual_seed(4))
+    bound = 1 / math.sqrt(16)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb) and not torch.equal(pa, pc), name
+        assert pa.abs().max() <= bound and pa.abs().max() > 0.5 * bound
+    # the global RNG state only moved by the throwaway default init, never by the seeded draw
+    torch.random.set_rng_state(state)
+
+
+# ---- a tiny method environment -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    clip = load_backbone(BackboneSpec("tiny-vit", None, init_seed=0))
+    encoder = PromptTextEncoder(clip, CLASSES, n_ctx=2)
+    return clip, encoder
+
+
+def make_method(tiny, num_clients=5, training=LocalTraining(local_epochs=1, lr=0.05), **options):
+    clip, encoder = tiny
+    env = MethodEnv(clip, encoder, tuple(CLASSES), num_clients, training, seed=11, device=torch.device("cpu"))
+    return PFedMoAP(env, PFedMoAPOptions(**{**SMALL, **options}))
+
+
+def pool_at_distances(base, distances, generator):
+    """A pool with pool[0] = base and ||pool[j] - base||_F = distances[j]."""
+    rows = [base]
+    for d in distances[1:]:
+        direction = torch.randn(base.shape, generator=generator)
+        rows.append(base + d * direction / direction.norm())
+    return torch.stack(rows)
+
+
+def test_one_sgd_step_matches_plain_computation(tiny):
+    clip, encoder = tiny
+    method = make_method(tiny, num_experts=3, lam=0.5, gating_lr=0.3)
+    g = torch.Generator().manual_seed(5)
+    global_ctx = 0.02 * torch.randn(2, 64, generator=g)
+    pool = pool_at_distances(0.02 * torch.randn(2, 64, generator=g), [0, 0.3, 0.1, 0.5, 0.2], g)
+    server = {"ctx": global_ctx, "pool": pool, "pool_mask": torch.ones(5, dtype=torch.bool)}
+    own_gating = {f"gating.{k}": v for k, v in method.new_gating(0).state_dict().items()}
+    client_state = {"ctx": pool[0].clone(), "expert_ids": torch.tensor([1]), **own_gating}
+    images = torch.randn(6, 3, clip.image_size, clip.image_size, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    job = ClientJob(0, 4, server, client_state, lambda: [(images, labels)], 6, torch.Generator().manual_seed(0))
+    result = method.train_client(job)
+
+    expected_ids = [2, 4, 1]  # nearest three, closest first
+    assert result.client_state["expert_ids"].tolist() == expected_ids
+    # plain computation: the prompt starts from the GLOBAL prompt, experts are constants
+    ctx = global_ctx.clone().requires_grad_(True)
+    params = {k[len("gating.") :]: v.clone().requires_grad_(True) for k, v in own_gating.items()}
+    with torch.no_grad():
+        experts = encoder(pool[expected_ids])
+    features = clip.encode_images(images)
+    stack = torch.cat([encoder(ctx).unsqueeze(0), experts])
+    logits, _, _ = reference_mixture(features, stack, params, 4, 10.0, 0.5, clip.logit_scale)
+    loss = -torch.log_softmax(logits, dim=1)[torch.arange(6), labels].mean()
+    loss.backward()
+    assert result.train_loss == pytest.approx(float(loss), rel=1e-5)
+    wd = method.env.training.weight_decay
+    # first SGD step with momentum: the buffer is the (decayed) gradient itself
+    torch.testing.assert_close(result.client_state["ctx"], global_ctx - 0.05 * (ctx.grad + wd * global_ctx), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.upload["ctx"], result.client_state["ctx"])
+    for name, p in params.items():
+        expected = p.detach() - 0.3 * (p.grad + wd * p.detach())
+        torch.testing.assert_close(result.client_state[f"gating.{name}"], expected, rtol=1e-4, atol=1e-7)
+        assert not torch.equal(result.client_state[f"gating.{name}"], own_gating[f"gating.{name}"])
+    assert result.bytes_down == 4 * tensor_bytes({"c": global_ctx}) and result.bytes_up == tensor_bytes({"c": global_ctx})
+
+
+def test_gradients_reach_only_local_prompt_and_gating(tiny):
+    clip, encoder = tiny
+    method = make_method(tiny, num_experts=2)
+    g = torch.Generator().manual_seed(1)
+    pool = 0.02 * torch.randn(5, 2, 64, generator=g)
+    server = {"ctx": pool[0].clone(), "pool": pool, "pool_mask": torch.ones(5, dtype=torch.bool)}
+    ids = method.experts_for(server, 0, 0)
+    experts = method.expert_features(server, ids, 0)
+    assert len(ids) == 2 and not experts.requires_grad and experts.grad_fn is None
+    ctx = torch.nn.Parameter(pool[0].clone())
+    gating = method.new_gating(0)
+    features = clip.encode_images(torch.randn(3, 3, 32, 32, generator=g))
+    logits, _ = mixture_logits(features, torch.cat([encoder(ctx).unsqueeze(0), experts]), gating, 0.5, clip.logit_scale)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gating.parameters())
+    assert all(p.grad is None for p in clip.parameters())
+    # lambda = 0: the prompt still learns through the local expert's key and value
+    ctx.grad = None
+    logits, _ = mixture_logits(features, torch.cat([encoder(ctx).unsqueeze(0), experts]), gating, 0.0, clip.logit_scale)
+    logits.sum().backward()
+    assert ctx.grad.abs().sum() > 0
+
+
+# ---- expert selection ---------------------------------------------------------------------
+def test_nearest_selection_returns_client_ids():
+    # client 2 sits at 0; others at known distances; client 4 is closest but has no entry
+    values = {0: 3.0, 1: -1.0, 2: 0.0, 3: 1.0, 4: 0.1, 5: 2.0, 6: -5.0}
+    pool = torch.stack([torch.full((2, 3), v) for v in values.values()])
+    available = torch.tensor([True, True, True, True, False, True, True])
+    assert select_experts(pool, available, 2, 3, "nearest") == [1, 3, 5]  # 1 and 3 tie: lower id first
+    assert select_experts(pool, available, 2, 1, "nearest") == [1]
+    assert select_experts(pool, available, 2, 10, "nearest") == [1, 3, 5, 0, 6]  # fewer than K: all, never self
+    assert select_experts(pool, available, 6, 2, "nearest") == [1, 2]
+    assert select_experts(pool, available, 2, 0, "nearest") == []
+    assert select_experts(pool, torch.tensor([False, False, True, False, False, False, False]), 2, 3, "nearest") == []
+
+
+def test_random_selection_is_seeded_and_order_independent(tiny):
+    method = make_method(tiny, num_clients=9, num_experts=3, expert_selection="random")
+    state = {"pool": torch.randn(9, 2, 64), "pool_mask": torch.tensor([True] * 8 + [False])}
+    forward = {c: method.experts_for(state, c, 3) for c in range(8)}
+    backward = {c: method.experts_for(state, c, 3) for c in reversed(range(8))}
+    assert forward == backward
+    for c, ids in forward.items():
+        assert len(ids) == 3 and c not in ids and 8 not in ids and len(set(ids)) == 3
+    assert any(method.experts_for(state, c, 4) != forward[c] for c in range(8))  # a new draw each round
+    assert method.experts_for({"pool": state["pool"], "pool_mask": torch.tensor([True, True] + [False] * 7)}, 0, 3) == [1]
+    assert method.experts_for(state, 8, 3) == []  # no pool entry yet: first participation, no experts
+
+
+def test_round_is_order_independent_and_cache_is_exact(tiny):
+    method = make_method(tiny, num_experts=2)
+    g = torch.Generator().manual_seed(2)
+    pool = 0.02 * torch.randn(5, 2, 64, generator=g)
+    server = {"ctx": 0.02 * torch.randn(2, 64, generator=g), "pool": pool, "pool_mask": torch.tensor([True, True, True, False, True])}
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def job(c):
+        return ClientJob(c, 1, server, None, lambda: [(images, labels)], 4, torch.Generator().manual_seed(c))
+
+    method.prepare_round(1, server, (0, 3, 4))
+    assert sorted(method._cache.rows) == sorted({j for c in (0, 4) for j in method.experts_for(server, c, 1)})
+    a = {c: method.train_client(job(c)) for c in (0, 3, 4)}
+    b = {c: method.train_client(job(c)) for c in (4, 3, 0)}
+    uncached = make_method(tiny, num_experts=2, share_expert_features=False)
+    uncached.prepare_round(1, server, (0, 3, 4))
+    d = {c: uncached.train_client(job(c)) for c in (0, 3, 4)}
+    for c in (0, 3, 4):
+        for key, value in a[c].client_state.items():
+            assert torch.equal(value, b[c].client_state[key]), (c, key)
+            torch.testing.assert_close(value, d[c].client_state[key], rtol=1e-5, atol=1e-6)
+    assert a[3].client_state["expert_ids"].numel() == 0  # first participation
+    assert a[0].bytes_down == 3 * a[3].bytes_down
+
+    new = method.aggregate(server, a, 1)
+    weighted = sum(a[c].upload["ctx"].double() * 4 for c in (0, 3, 4)) / 12
+    torch.testing.assert_close(new["ctx"], weighted.float())
+    assert new["pool_mask"].tolist() == [True, True, True, True, True]
+    assert torch.equal(new["pool"][3], a[3].upload["ctx"]) and torch.equal(new["pool"][1], pool[1])
+    assert torch.equal(server["pool"], pool) and not server["pool_mask"][3]  # the snapshot is untouched
+
+
+# ---- evaluation rules (PROTOCOL.md section 3 step 5) ---------------------------------------
+def test_evaluation_rules(tiny):
+    clip, encoder = tiny
+    method = make_method(tiny, num_experts=2)
+    g = torch.Generator().manual_seed(9)
+    start_pool = pool_at_distances(torch.zeros(2, 64), [0, 0.4, 0.1, 0.3, 0.0], g)  # distances from start_pool[0]
+    start_mask = torch.tensor([False, True, True, True, False])
+    # participants 1 and 3 upload new prompts, 4 participates for the first time
+    end_pool = start_pool.clone()
+    end_pool[1] = start_pool[2] + 0.01  # now the closest to client 2
+    end_pool[3] = start_pool[3] + 0.5
+    end_pool[4] = start_pool[2] + 0.5
+    end_mask = torch.tensor([False, True, True, True, True])
+    global_ctx = 0.02 * torch.randn(2, 64, generator=g)
+    gates = {c: {f"gating.{k}": v + 0.01 * c for k, v in method.new_gating(c).state_dict().items()} for c in range(5)}
+    states = {
+        1: {"ctx": end_pool[1], "expert_ids": torch.tensor([3, 2]), **gates[1]},
+        2: {"ctx": end_pool[2], "expert_ids": torch.tensor([3]), **gates[2]},  # sat out: stale ids are ignored
+        3: {"ctx": end_pool[3], "expert_ids": torch.tensor([2, 1]), **gates[3]},
+        4: {"ctx": end_pool[4], "expert_ids": torch.tensor([], dtype=torch.int64), **gates[4]},
+    }
+    view = RoundView(
+        5, frozenset({1, 3, 4}), {"ctx": global_ctx, "pool": start_pool, "pool_mask": start_mask},
+        {"ctx": global_ctx, "pool": end_pool, "pool_mask": end_mask}, states,
+    )
+    evaluator = method.evaluator(view)
+    features = clip.encode_images(torch.randn(5, 3, 32, 32, generator=g))
+
+    def expected(local, experts, client):
+        with torch.no_grad():
+            stack = encoder(torch.stack([local, *experts]))
+            gating = method.client_gating(states.get(client), client) if experts else None
+            return mixture_logits(features, stack, gating, 0.5, clip.logit_scale)[0]
+
+    near = select_experts(end_pool, end_mask, 2, 2, "nearest")
+    assert near == [1, 4]  # chosen from the END-of-round pool P_t
+    cases = {
+        0: expected(global_ctx, [], 0),  # never trained: global prompt, no experts
+        1: expected(end_pool[1], [start_pool[3], start_pool[2]], 1),  # participant: its experts, round-start pool
+        2: expected(end_pool[2], [end_pool[1], end_pool[4]], 2),  # sat out: own prompt and gating, experts from P_t
+        4: expected(end_pool[4], [], 4),  # first participation: trained without experts
+    }
+    for client, logits in cases.items():
+        torch.testing.assert_close(evaluator.logits(client, features), logits, rtol=1e-5, atol=1e-5)
+    assert evaluator.extra_metrics(0, features) == {} and evaluator.extra_metrics(4, features) == {}
+    attention = evaluator.extra_metrics(1, features)
+    assert list(attention) == ["attention_c0001", "attention_c0003", "attention_c0002"]
+    assert sum(attention.values()) == pytest.approx(1.0, abs=1e-6)
+    assert list(evaluator.extra_metrics(2, features)) == ["attention_c0002", "attention_c0001", "attention_c0004"]
+
+
+def test_options_are_validated(tiny):
+    assert PFedMoAPOptions(lam=0).lam == 0.0 and isinstance(PFedMoAPOptions(lam=0).lam, float)
+    assert PFedMoAPOptions(share_expert_features="false").share_expert_features is False
+    for bad, word in [
+        ({"num_experts": -1}, "num_experts"),
+        ({"num_experts": 2.5}, "num_experts"),
+        ({"expert_selection": "best"}, "expert_selection"),
+        ({"lam": -0.1}, "lam"),
+        ({"gating_heads": 3}, "gating_heads"),
+        ({"gating_lr": 0}, "gating_lr"),
+        ({"share_expert_features": "maybe"}, "share_expert_features"),
+    ]:
+        with pytest.raises(ConfigError, match=word) as info:
+            PFedMoAPOptions(**bad)
+        assert "--method-option" in str(info.value)
+    with pytest.raises(ConfigError, match="must divide the CLIP embedding width D=32"):
+        make_method(tiny, gating_dim=64, gating_heads=8)
+
+
+# ---- the CLI end to end ----------------------------------------------------------------------
+TRAIN = ("train", "--method", "pfedmoap", "--rounds", "3", "--local-epochs", "1", "--n-ctx", "2", "--batch-size", "16",
+         "--frac", "0.5", "--method-option", "num_experts=3", "--method-option", "gating_dim=16", "--method-option", "gating_heads=4")
+
+
+def partition8(cli, workspace=None):
+    result = cli("partition", "--dataset", "synthetic", "--clients", "8", "--seed", "1", "--pathological", "--shots", "2",
+                 "--option", "train_per_class=3", "--option", "test_per_class=2", workspace=workspace)
+    assert result.exit_code == 0, result.stderr
+
+
+def run_id_of(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("run ")).split()[1].rstrip(":")
+
+
+def test_cli_train_partial_participation(cli, tmp_path):
+    partition8(cli)
+    result = cli(*TRAIN)
+    assert result.exit_code == 0, result.stderr
+    assert "3/3 rounds complete" in result.stdout
+    run_id = run_id_of(result.stdout)
+    run_dir = tmp_path / "ws" / "runs" / run_id
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["settings"]["method_options"] == {"num_experts": 3, "gating_dim": 16, "gating_heads": 4}
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    acc = metrics[(metrics.metric == "accuracy") & (metrics.split == "test")]
+    assert sorted(zip(acc["round"], acc["client_id"])) == [(r, c) for r in range(3) for c in range(8)]
+    attention = metrics[metrics.metric.str.startswith("attention_c")]
+    assert not attention.empty and (attention["round"] >= 1).all()  # nobody has experts in round 0
+    sums = attention.groupby(["round", "client_id"])["value"].sum()
+    assert sums.to_numpy() == pytest.approx(1.0, abs=1e-6)
+    for (rnd, client), group in attention.groupby(["round", "client_id"]):
+        assert f"attention_c{client:04d}" in set(group.metric) and len(group) <= 4
+    train = metrics[metrics.split == "train"]
+    assert train.groupby("round")["client_id"].nunique().tolist() == [4, 4, 4]
+    down = train[train.metric == "bytes_down"]["value"]
+    assert set(down) <= {2 * 64 * 4 * (1 + k) for k in range(4)} and down.max() == 2 * 64 * 4 * 4
+    ckpt = run_dir / "checkpoints" / "round-0002"
+    assert (ckpt / "global.safetensors").is_file() and len(list(ckpt.glob("client-*.safetensors"))) >= 4
+
+    # re-scoring the checkpoints reproduces every test metric (evaluation needs nothing outside them)
+    assert cli("evaluate", "--run", run_id).exit_code == 0
+    rescored = pd.read_csv(run_dir / "evaluation.csv")
+    key = ["round", "client_id", "metric"]
+    a = metrics[metrics.split == "test"].sort_values(key)[key + ["value"]].reset_index(drop=True)
+    b = rescored.sort_values(key)[key + ["value"]].reset_index(drop=True)
+    assert a[key].equals(b[key]) and a["value"].to_numpy() == pytest.approx(b["value"].to_numpy(), abs=1e-9)
+
+
+def test_cli_resume_reproduces_metrics(cli, tmp_path):
+    for ws in ("a", "b"):
+        partition8(cli, workspace=tmp_path / ws)
+    args = (*TRAIN, "--method-option", "expert_selection=random", "--method-option", "lam=0")
+    full = cli(*args, workspace=tmp_path / "a")
+    assert full.exit_code == 0, full.stderr
+    part = cli(*args, "--stop-after", "2", workspace=tmp_path / "b")
+    assert "2/3 rounds complete" in part.stdout
+    resumed = cli(*args, "--resume", workspace=tmp_path / "b")
+    assert resumed.exit_code == 0, resumed.stderr
+    run_id = run_id_of(full.stdout)
+    assert run_id == run_id_of(resumed.stdout)
+    a = (tmp_path / "a" / "runs" / run_id / "metrics.csv").read_text()
+    b = (tmp_path / "b" / "runs" / run_id / "metrics.csv").read_text()
+    assert a == b and "attention_c" in a
+
+
+def test_cli_bad_gating_width_is_one_line(cli):
+    partition8(cli)
+    message = one_line_error(cli("train", "--method", "pfedmoap", "--rounds", "1", "--n-ctx", "2"))
+    assert "gating_dim" in message and "--method-option" in message
