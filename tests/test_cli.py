@@ -199,3 +199,16 @@ def test_module_entry_point():
 
     result = subprocess.run([sys.executable, "-m", "pfedmoap_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("pfedmoap ")
+
+
+def test_recipe_method_options_apply_only_to_methods_that_take_them(tmp_path, monkeypatch):
+    from pfedmoap_cli.cli.train_cmd import resolve_settings
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "synthetic.toml").write_text('[train]\nmethod = "pfedmoap"\nmethod_options = { num_experts = 4, lam = 0.0 }\n')
+    monkeypatch.setenv("PFEDMOAP_RECIPES", str(recipes))
+    assert resolve_settings("synthetic", None, {}).method_options == {"num_experts": 4, "lam": 0.0}
+    assert resolve_settings("synthetic", None, {"method": "promptfl"}).method_options == {}
+    merged = resolve_settings("synthetic", None, {"method_options": {"lam": 0.5}})
+    assert merged.method_options == {"num_experts": 4, "lam": 0.5}

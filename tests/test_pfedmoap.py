@@ -114,8 +114,7 @@ def test_gating_init_is_seeded_default_linear_init():
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb) and not torch.equal(pa, pc), name
         assert pa.abs().max() <= bound and pa.abs().max() > 0.5 * bound
-    # the global RNG state only moved by the throwaway default init, never by the seeded draw
-    torch.random.set_rng_state(state)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded init leaves the global RNG alone
 
 
 # ---- a tiny method environment -----------------------------------------------------------
@@ -167,7 +166,7 @@ def test_one_sgd_step_matches_plain_computation(tiny):
     logits, _, _ = reference_mixture(features, stack, params, 4, 10.0, 0.5, clip.logit_scale)
     loss = -torch.log_softmax(logits, dim=1)[torch.arange(6), labels].mean()
     loss.backward()
-    assert result.train_loss == pytest.approx(float(loss), rel=1e-5)
+    assert result.train_loss == pytest.approx(float(loss.detach()), rel=1e-5)
     wd = method.env.training.weight_decay
     # first SGD step with momentum: the buffer is the (decayed) gradient itself
     torch.testing.assert_close(result.client_state["ctx"], global_ctx - 0.05 * (ctx.grad + wd * global_ctx), rtol=1e-4, atol=1e-7)
@@ -177,6 +176,20 @@ def test_one_sgd_step_matches_plain_computation(tiny):
         torch.testing.assert_close(result.client_state[f"gating.{name}"], expected, rtol=1e-4, atol=1e-7)
         assert not torch.equal(result.client_state[f"gating.{name}"], own_gating[f"gating.{name}"])
     assert result.bytes_down == 4 * tensor_bytes({"c": global_ctx}) and result.bytes_up == tensor_bytes({"c": global_ctx})
+
+
+def test_optimiser_groups(tiny, monkeypatch):
+    """Prompt: the run's lr on the cosine schedule; gating: gating_lr, constant (PROTOCOL.md section 2)."""
+    import pfedmoap_cli.methods.pfedmoap as module
+
+    seen = []
+    monkeypatch.setattr(module, "run_local_epochs", lambda batches, groups, *rest: seen.append(groups) or 0.0)
+    method = make_method(tiny, num_experts=2, gating_lr=0.01)
+    server = {"ctx": torch.zeros(2, 64), "pool": torch.randn(5, 2, 64), "pool_mask": torch.ones(5, dtype=torch.bool)}
+    method.train_client(ClientJob(0, 1, server, None, lambda: [], 1, torch.Generator()))
+    prompt, gating = seen[0]
+    assert prompt["lr"] == method.env.training.lr and prompt["cosine"] is True and len(prompt["params"]) == 1
+    assert gating["lr"] == 0.01 and not gating.get("cosine", False) and len(gating["params"]) == 8
 
 
 def test_gradients_reach_only_local_prompt_and_gating(tiny):
@@ -271,10 +284,12 @@ def test_evaluation_rules(tiny):
     start_pool = pool_at_distances(torch.zeros(2, 64), [0, 0.4, 0.1, 0.3, 0.0], g)  # distances from start_pool[0]
     start_mask = torch.tensor([False, True, True, True, False])
     # participants 1 and 3 upload new prompts, 4 participates for the first time
+    # (random offsets: a constant shift of every entry would vanish in the text tower's layer norms)
+    step = lambda size: size * unit(torch.randn(128, generator=g)).view(2, 64)  # noqa: E731
     end_pool = start_pool.clone()
-    end_pool[1] = start_pool[2] + 0.01  # now the closest to client 2
-    end_pool[3] = start_pool[3] + 0.5
-    end_pool[4] = start_pool[2] + 0.5
+    end_pool[1] = start_pool[2] + step(0.01)  # now the closest to client 2
+    end_pool[3] = start_pool[3] + step(0.5)
+    end_pool[4] = start_pool[2] + step(0.2)
     end_mask = torch.tensor([False, True, True, True, True])
     global_ctx = 0.02 * torch.randn(2, 64, generator=g)
     gates = {c: {f"gating.{k}": v + 0.01 * c for k, v in method.new_gating(c).state_dict().items()} for c in range(5)}
@@ -307,6 +322,10 @@ def test_evaluation_rules(tiny):
     }
     for client, logits in cases.items():
         torch.testing.assert_close(evaluator.logits(client, features), logits, rtol=1e-5, atol=1e-5)
+    # the rules are distinguishable: other pools or prompts give clearly different logits
+    assert (expected(end_pool[1], [end_pool[3], end_pool[2]], 1) - cases[1]).abs().max() > 1e-3
+    assert (expected(end_pool[2], [start_pool[1], start_pool[3]], 2) - cases[2]).abs().max() > 1e-3
+    assert (expected(end_pool[4], [], 4) - expected(global_ctx, [], 4)).abs().max() > 1e-3
     assert evaluator.extra_metrics(0, features) == {} and evaluator.extra_metrics(4, features) == {}
     attention = evaluator.extra_metrics(1, features)
     assert list(attention) == ["attention_c0001", "attention_c0003", "attention_c0002"]

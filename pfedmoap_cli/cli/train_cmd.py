@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,6 +12,7 @@ from pfedmoap_cli.artifacts.partition import load_partition, resolve_partition_p
 from pfedmoap_cli.cli.parsing import parse_key_values
 from pfedmoap_cli.engine.run_record import read_run_record, run_settings
 from pfedmoap_cli.engine.runner import IfExists, execute_run
+from pfedmoap_cli.engine.session import applicable_options
 from pfedmoap_cli.engine.settings import TrainSettings, merge_settings, validate_settings
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import ArtifactError, ConfigError
@@ -32,12 +34,21 @@ Examples:
 
 
 def resolve_settings(dataset: str, config: Path | None, flags: dict[str, Any]) -> TrainSettings:
-    """Defaults < recipe [train] < config file < flags, validated."""
-    settings = merge_settings(TrainSettings(), load_recipe(dataset).get("train", {}), f"the {dataset} recipe")
+    """Defaults < recipe [train] < config file < flags, validated.
+
+    The recipe's ``method_options`` are defaults for whichever methods take
+    them; options from the config file or flags must all be understood.
+    """
+    recipe = dict(load_recipe(dataset).get("train", {}))
+    recipe_options = recipe.pop("method_options", {}) or {}
+    settings = merge_settings(TrainSettings(), recipe, f"the {dataset} recipe")
     if config is not None:
         data = read_toml(config, "config file")
         settings = merge_settings(settings, data.get("train", data), f"config file {config}")
-    return validate_settings(merge_settings(settings, flags, "the command line"))
+    settings = merge_settings(settings, flags, "the command line")
+    defaults = applicable_options(settings.method, dict(recipe_options))
+    settings = dataclasses.replace(settings, method_options={**defaults, **settings.method_options})
+    return validate_settings(settings)
 
 
 def train(

@@ -68,6 +68,24 @@ def method_options(method_cls: type[FederatedMethod], raw: dict) -> object:
     return method_cls.Options(**raw)
 
 
+def option_names(method_cls: type[FederatedMethod]) -> set[str]:
+    """Names of the options a method accepts (empty for methods without options)."""
+    if method_cls.Options is type(None):
+        return set()
+    return {f.name for f in dataclasses.fields(method_cls.Options)}
+
+
+def applicable_options(method: str, defaults: dict) -> dict:
+    """The recipe defaults that ``method`` understands.
+
+    A dataset recipe sets options for the methods of its table (for example
+    pFedMoAP's ``num_experts``); other methods simply do not take them. Options
+    a user gives explicitly are never filtered: unknown ones stay errors.
+    """
+    known = option_names(get_method(method))
+    return {k: v for k, v in defaults.items() if k in known}
+
+
 def backbone_spec(settings: TrainSettings) -> BackboneSpec:
     """The backbone named by the settings ("none" means random initialisation)."""
     pretrained = settings.pretrained if settings.pretrained.lower() not in {"", "none"} else None

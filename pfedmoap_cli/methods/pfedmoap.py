@@ -306,8 +306,9 @@ class PFedMoAP(FederatedMethod):
             bytes_up=tensor_bytes(upload),
         )
 
-    def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, Any], round_index: int) -> State:
+    def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
         """FedAvg of the prompts into the global one; participants' prompts into the pool."""
+        self._cache = None  # the round's local updates are over
         if not results:
             return dict(start_state)
         order = sorted(results)  # a fixed order keeps the float sum independent of scheduling
@@ -338,7 +339,8 @@ class MixtureEvaluator(ClientEvaluator):
     * a participant: its new prompt, its gating and the experts it trained
       with, taken from the round-start pool P_{t-1};
     * trained before but sat this round out: its own prompt and gating, and
-      experts chosen (as in training) from the end-of-round pool P_t;
+      experts chosen (as in training) from the end-of-round pool P_t (a
+      ``random`` draw is seeded by (seed, "eval-experts", round, client));
     * never trained: the global prompt, no experts.
 
     Every prompt needed is encoded once, in a few batched text-encoder calls.

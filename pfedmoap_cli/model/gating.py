@@ -56,7 +56,7 @@ class GatingNetwork(torch.nn.Module):
     generator:
         Seeds the initialisation (torch's default ``Linear`` init:
         weights and biases ~ U(-1/sqrt(d_g), 1/sqrt(d_g))) without touching the
-        global RNG. ``None`` keeps the module's own default init.
+        global RNG. ``None`` uses torch's default init from the global RNG.
     """
 
     def __init__(self, embed_dim: int, dim: int = 128, heads: int = 8, scaling: float = 10.0, generator: torch.Generator | None = None) -> None:
@@ -65,10 +65,11 @@ class GatingNetwork(torch.nn.Module):
         if heads < 1 or dim % heads != 0:
             raise ConfigError(f"gating_heads={heads} must divide gating_dim={dim}; pass --method-option gating_heads=N with N a divisor of {dim}")
         self.embed_dim, self.dim, self.heads, self.scaling = int(embed_dim), int(dim), int(heads), float(scaling)
-        self.W_q = torch.nn.Linear(dim, dim)
-        self.W_k = torch.nn.Linear(dim, dim)
-        self.W_v = torch.nn.Linear(dim, dim)
-        self.W_o = torch.nn.Linear(dim, dim)
+        if generator is None:
+            make = torch.nn.Linear
+        else:  # skip the default init, which would draw from (and move) the global RNG
+            make = lambda *shape: torch.nn.utils.skip_init(torch.nn.Linear, *shape)  # noqa: E731
+        self.W_q, self.W_k, self.W_v, self.W_o = (make(dim, dim) for _ in range(4))
         if generator is not None:
             self.reset_parameters(generator)
 
