@@ -212,3 +212,17 @@ def test_recipe_method_options_apply_only_to_methods_that_take_them(tmp_path, mo
     assert resolve_settings("synthetic", None, {"method": "promptfl"}).method_options == {}
     merged = resolve_settings("synthetic", None, {"method_options": {"lam": 0.5}})
     assert merged.method_options == {"num_experts": 4, "lam": 0.5}
+
+
+def test_named_pfedmoap_flags_are_method_options(cli, tmp_path):
+    assert partition_small(cli, "--pathological", "--shots", "2").exit_code == 0
+    result = cli(*TRAIN[:2], "1", *TRAIN[3:], "--method", "pfedmoap", "--num-experts", "2", "--expert-selection", "random",
+                 "--lambda", "0", "--gating-dim", "16", "--gating-heads", "4", "--gating-scaling", "5", "--gating-lr", "0.02")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(next((tmp_path / "ws" / "runs").glob("*/run.json")).read_text())
+    assert record["settings"]["method_options"] == {
+        "num_experts": 2, "expert_selection": "random", "lam": 0.0, "gating_dim": 16,
+        "gating_heads": 4, "gating_scaling": 5.0, "gating_lr": 0.02,
+    }
+    # a pFedMoAP flag on a method without that option is an error, not silently dropped
+    assert "num_experts" in one_line_error(cli(*TRAIN, "--method", "promptfl", "--num-experts", "2"))

@@ -76,6 +76,15 @@ def train(
     method_option: Annotated[
         Optional[list[str]], typer.Option("--method-option", help="Method-specific KEY=VALUE; repeatable.")
     ] = None,
+    num_experts: Annotated[Optional[int], typer.Option("--num-experts", help="pFedMoAP: K, the number of non-local experts.")] = None,
+    expert_selection: Annotated[
+        Optional[str], typer.Option("--expert-selection", help="pFedMoAP: 'nearest' (default) or 'random'.")
+    ] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="pFedMoAP: weight of the local logits (0.5; Table 1 also 0).")] = None,
+    gating_dim: Annotated[Optional[int], typer.Option("--gating-dim", help="pFedMoAP: pooled width d_g (must divide D).")] = None,
+    gating_heads: Annotated[Optional[int], typer.Option("--gating-heads", help="pFedMoAP: attention heads of the gating network.")] = None,
+    gating_scaling: Annotated[Optional[float], typer.Option("--gating-scaling", help="pFedMoAP: attention scaling sigma.")] = None,
+    gating_lr: Annotated[Optional[float], typer.Option("--gating-lr", help="pFedMoAP: learning rate of the gating network.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of settings.")] = None,
     partition: Annotated[Optional[str], typer.Option("--partition", help="Partition file or name (default: the current one).")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="Name of the run (default: derived from its settings).")] = None,
@@ -84,11 +93,17 @@ def train(
 ) -> None:
     cli = ctx.obj
     ws = cli.ws
+    # Named pFedMoAP flags are shorthands for --method-option KEY=VALUE.
+    named_options = dict(
+        num_experts=num_experts, expert_selection=expert_selection, lam=lam, gating_dim=gating_dim,
+        gating_heads=gating_heads, gating_scaling=gating_scaling, gating_lr=gating_lr,
+    )
+    options = {**parse_key_values(method_option or [], "--method-option"), **{k: v for k, v in named_options.items() if v is not None}}
     flags = dict(
         method=method, rounds=rounds, local_epochs=local_epochs, frac=frac, batch_size=batch_size, seed=seed, lr=lr,
         n_ctx=n_ctx, ctx_init=ctx_init, backbone=backbone, pretrained=pretrained, backbone_seed=backbone_seed,
         device=device, amp=amp, truncate_prompts=truncate_prompts, eval_batch_size=eval_batch_size,
-        method_options=parse_key_values(method_option, "--method-option") if method_option else None,
+        method_options=options or None,
     )
     if resume and run_id:
         record = read_run_record(RunPaths(ws.run_dir(run_id)))
