@@ -121,7 +121,8 @@ def open_session(settings: TrainSettings, partition: Partition, partition_sha256
         features_cache,
         batch_size=settings.eval_batch_size,
         progress=progress,
-        desc="test features",
+        desc="test tokens" if method_cls.needs_local_tokens else "test features",
+        tokens=method_cls.needs_local_tokens,
     ).to(device)
     labels = torch.tensor([s.label for s in test_samples], dtype=torch.long, device=device)
     return Session(settings, partition, partition_sha256, source, train_samples, test_samples, clip, method, features, labels)

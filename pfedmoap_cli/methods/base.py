@@ -115,6 +115,10 @@ class FederatedMethod(ABC):
     Options: ClassVar[type] = type(None)
     #: False for methods that never train (the engine then skips local updates).
     trains: ClassVar[bool] = True
+    #: True for methods whose evaluators score test images from their local tokens
+    #: ``(B, 1 + M, D)`` (:func:`pfedmoap_cli.model.local_tokens.encode_image_tokens`)
+    #: instead of pooled features ``(B, D)``; the engine computes and caches those.
+    needs_local_tokens: ClassVar[bool] = False
 
     def __init__(self, env: MethodEnv, options: Any = None) -> None:
         self.env = env

@@ -26,7 +26,7 @@ TENSOR_NAME = "features"
 ImageLoader = Callable[[int], Image.Image]
 
 
-def feature_cache_key(clip: FrozenClip, dataset_fingerprint: str, sample_keys: list[str], transform_id: str) -> str:
+def feature_cache_key(clip: FrozenClip, dataset_fingerprint: str, sample_keys: list[str], transform_id: str, tokens: bool = False) -> str:
     """Content hash naming the features of ``sample_keys`` under this backbone.
 
     Parameters
@@ -40,19 +40,22 @@ def feature_cache_key(clip: FrozenClip, dataset_fingerprint: str, sample_keys: l
         Stable ids of the images, in the order of the returned rows.
     transform_id:
         Description of the image transform (``clip.test_transform_id()``).
+    tokens:
+        Key the local-token tensors (N, 1 + M, D) instead of the pooled features.
     """
-    return sha256_json(
-        {
-            "schema": CACHE_SCHEMA,
-            "backbone": clip.spec.identity(),
-            # Random-init weights depend on the library's initialisers; cheap insurance.
-            "open_clip": import_open_clip().__version__,
-            "dataset": dataset_fingerprint,
-            "samples": sha256_json(list(sample_keys)),
-            "transform": transform_id,
-            "precision": clip.precision(),
-        }
-    )
+    payload = {
+        "schema": CACHE_SCHEMA,
+        "backbone": clip.spec.identity(),
+        # Random-init weights depend on the library's initialisers; cheap insurance.
+        "open_clip": import_open_clip().__version__,
+        "dataset": dataset_fingerprint,
+        "samples": sha256_json(list(sample_keys)),
+        "transform": transform_id,
+        "precision": clip.precision(),
+    }
+    if tokens:  # only added for tokens, so existing pooled-feature cache keys stay valid
+        payload["kind"] = "local-tokens"
+    return sha256_json(payload)
 
 
 class _TransformedImages(torch.utils.data.Dataset):
@@ -78,8 +81,12 @@ def compute_image_features(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "features",
+    tokens: bool = False,
 ) -> torch.Tensor:
     """Normalised float32 features (count, D) of images 0..count-1, without any cache.
+
+    With ``tokens`` the rows are the images' global and local tokens (count, 1 + M, D)
+    from :func:`pfedmoap_cli.model.local_tokens.encode_image_tokens`.
 
     Parameters
     ----------
@@ -105,18 +112,24 @@ def compute_image_features(
         num_workers=num_workers,
         pin_memory=clip.device.type == "cuda",
     )
-    features = torch.empty(count, clip.embed_dim, dtype=torch.float32)
+    if tokens:
+        from pfedmoap_cli.model.local_tokens import encode_image_tokens, num_local_tokens
+
+        encode, shape = (lambda x: encode_image_tokens(clip, x)), (count, 1 + num_local_tokens(clip), clip.embed_dim)
+    else:
+        encode, shape = clip.encode_images, (count, clip.embed_dim)
+    features = torch.empty(shape, dtype=torch.float32)
     row = 0
     with tqdm(total=count, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for images in loader:
-            batch = clip.encode_images(images).cpu()
+            batch = encode(images).cpu()
             features[row : row + batch.shape[0]] = batch
             row += batch.shape[0]
             bar.update(batch.shape[0])
     return features
 
 
-def _read_cache(path: Path, key: str, shape: tuple[int, int]) -> torch.Tensor | None:
+def _read_cache(path: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
     from safetensors import safe_open
 
     try:
@@ -141,8 +154,11 @@ def cached_image_features(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "features",
+    tokens: bool = False,
 ) -> torch.Tensor:
     """Features (N, D) of the N images named by ``sample_keys``, from the cache when possible.
+
+    With ``tokens``: their global and local tokens (N, 1 + M, D), cached under another key.
 
     Parameters
     ----------
@@ -168,15 +184,20 @@ def cached_image_features(
     """
     from safetensors.torch import save_file
 
-    key = feature_cache_key(clip, dataset_fingerprint, sample_keys, clip.test_transform_id())
+    key = feature_cache_key(clip, dataset_fingerprint, sample_keys, clip.test_transform_id(), tokens=tokens)
     path = Path(cache_dir) / f"{key}.safetensors"
-    shape = (len(sample_keys), clip.embed_dim)
+    if tokens:
+        from pfedmoap_cli.model.local_tokens import num_local_tokens
+
+        shape = (len(sample_keys), 1 + num_local_tokens(clip), clip.embed_dim)
+    else:
+        shape = (len(sample_keys), clip.embed_dim)
     if path.is_file():
         cached = _read_cache(path, key, shape)
         if cached is not None:
             return cached
     features = compute_image_features(
-        clip, load_image, len(sample_keys), batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc
+        clip, load_image, len(sample_keys), batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc, tokens=tokens
     )
     metadata = {"key": key, "backbone": clip.spec.identity(), "num": str(len(sample_keys)), "schema": CACHE_SCHEMA}
     atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=metadata))

@@ -1,0 +1,112 @@
+"""Prompt+FedPer: the first context tokens are federated, the rest stay personal.
+
+Arivazhagan et al., "Federated Learning with Personalization Layers" (arXiv
+1912.00818, 2019), applied to the CoOp context (PROTOCOL.md section 6): of the
+``n_ctx`` context vectors, the first ``shared_tokens`` (default: the first
+half, ``n_ctx // 2``) form the shared part, averaged by training-set size
+(FedAvg); the remaining ones are each client's personal part, which never
+leaves the client.
+
+A participant's context is ``[shared_global ; personal_i]``; it trains the
+whole context for the round's local epochs and uploads only the shared part.
+A client that has not trained yet uses the initial personal part, which comes
+from the same initial context as the shared one (it is part of the server's
+state only so that it is reproducible; it is never updated or averaged).
+Every client is scored with ``[shared_global ; its personal part]``.
+
+Options
+-------
+shared_tokens:
+    Number of leading context vectors that are shared (default ``n_ctx // 2``);
+    must leave at least one shared and one personal vector.
+
+State: server ``{"ctx_shared", "personal_init"}``; client ``{"personal"}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from pfedmoap_cli.errors import ConfigError
+from pfedmoap_cli.methods.base import (
+    ClientEvaluator,
+    ClientJob,
+    ClientResult,
+    FederatedMethod,
+    RoundView,
+    State,
+    register_method,
+    tensor_bytes,
+)
+from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt
+from pfedmoap_cli.methods.local_training import weighted_average
+
+
+@dataclass(frozen=True)
+class FedPerOptions:
+    shared_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        value = self.shared_tokens
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"fedper option shared_tokens must be a positive integer, got {value!r}")
+
+
+@register_method
+class FedPer(FederatedMethod):
+    name = "fedper"
+    Options = FedPerOptions
+
+    def __init__(self, env, options=None) -> None:
+        super().__init__(env, options or FedPerOptions())
+        n_ctx = env.text_encoder.n_ctx
+        shared = self.options.shared_tokens if self.options.shared_tokens is not None else n_ctx // 2
+        if not 1 <= shared < n_ctx:
+            raise ConfigError(
+                f"fedper splits the context into a shared and a personal part, so it needs 1 <= shared_tokens < n_ctx "
+                f"(got shared_tokens={shared}, n_ctx={n_ctx}); use --n-ctx 2 or more, or set --method-option shared_tokens=K"
+            )
+        self.shared = shared
+
+    # ---- server ---------------------------------------------------------
+    def initial_server_state(self, generator: torch.Generator) -> State:
+        ctx = self.env.text_encoder.initial_context(generator)
+        return {"ctx_shared": ctx[: self.shared].clone(), "personal_init": ctx[self.shared :].clone()}
+
+    def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
+        if not results:
+            return dict(start_state)
+        order = sorted(results)  # fixed order: the float sum does not depend on scheduling
+        shared = weighted_average([results[c].upload["ctx_shared"] for c in order], [results[c].num_examples for c in order])
+        return {"ctx_shared": shared, "personal_init": start_state["personal_init"]}
+
+    # ---- client ---------------------------------------------------------
+    def full_context(self, shared: torch.Tensor, personal: torch.Tensor) -> torch.Tensor:
+        """The client's whole context ``[shared ; personal]`` (n_ctx, W)."""
+        return torch.cat([shared.to(personal.device), personal], dim=0)
+
+    def train_client(self, job: ClientJob) -> ClientResult:
+        shared = job.server_state["ctx_shared"]
+        personal = job.client_state["personal"] if job.client_state else job.server_state["personal_init"]
+        ctx, loss = train_prompt(self, job, self.full_context(shared, personal))
+        upload = {"ctx_shared": ctx[: self.shared].clone()}
+        return ClientResult(
+            upload=upload,
+            client_state={"personal": ctx[self.shared :].clone()},
+            num_examples=job.num_examples,
+            train_loss=loss,
+            bytes_down=tensor_bytes({"ctx_shared": shared}),
+            bytes_up=tensor_bytes(upload),
+        )
+
+    # ---- evaluation -----------------------------------------------------
+    def evaluator(self, view: RoundView) -> ClientEvaluator:
+        shared = view.end_state["ctx_shared"]
+        prompts = {
+            cid: self.full_context(shared, state["personal"]) for cid, state in view.client_states.items() if "personal" in state
+        }
+        fallback = self.full_context(shared, view.end_state["personal_init"])
+        return PerClientPromptEvaluator(self.env.text_encoder, self.env.logit_scale, prompts, fallback)
