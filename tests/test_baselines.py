@@ -424,23 +424,8 @@ def test_fedotp_round_uploads_the_global_prompt_and_keeps_the_local_one(towers):
         evaluator.logits(0, env.clip.encode_images(images))
 
 
-def test_fedotp_end_to_end_with_token_test_features(cli, tmp_path, monkeypatch):
-    """FedOTP through the CLI, with the engine change it needs emulated here.
-
-    The engine passes cached pooled test features (N, D) to every evaluator. Until
-    it supports ``needs_local_tokens`` (see the method's docstring), this test
-    swaps the session's feature function for one that returns the test images'
-    tokens (N, 1 + M, D), which is what the engine change will do; it checks
-    that FedOTP then trains, scores and resumes exactly.
-    """
-    from pfedmoap_cli.engine import session as session_module
-
-    def token_features(clip, load_image, sample_keys, *args, **kwargs):
-        transform = clip.test_transform()
-        images = torch.stack([transform(load_image(i)) for i in range(len(sample_keys))])
-        return torch.cat([encode_image_tokens(clip, images[s : s + 64]) for s in range(0, len(images), 64)])
-
-    monkeypatch.setattr(session_module, "cached_image_features", token_features)
+def test_fedotp_end_to_end_with_token_test_features(cli, tmp_path):
+    """FedOTP through the CLI: the engine caches the test images' tokens (N, 1 + M, D) for it."""
     part = ("partition", "--dataset", "synthetic", "--clients", "3", "--seed", "1", "--pathological", "--shots", "2",
             "--option", "train_per_class=2", "--option", "test_per_class=1")
     args = ("train", "--method", "fedotp", "--rounds", "2", "--local-epochs", "1", "--n-ctx", "2", "--batch-size", "4",
@@ -458,6 +443,12 @@ def test_fedotp_end_to_end_with_token_test_features(cli, tmp_path, monkeypatch):
     metrics = pd.read_csv(a)
     acc = metrics[(metrics.metric == "accuracy") & (metrics.split == "test")]
     assert sorted(acc["round"].unique()) == [0, 1] and sorted(acc.client_id.unique()) == [0, 1, 2]
+    from safetensors import safe_open
+
+    (cache_file,) = (tmp_path / "a" / "cache" / "features").glob("*.safetensors")
+    with safe_open(str(cache_file), "pt") as handle:
+        (name,) = handle.keys()
+        assert len(handle.get_slice(name).get_shape()) == 3  # tokens, not pooled features
 
 
 def test_method_options_are_validated():
