@@ -190,7 +190,8 @@ def test_help_and_download_list(cli):
     result = cli("train", "--help")
     assert result.exit_code == 0 and "Examples" in result.stdout
     result = cli("download", "--list")
-    assert result.exit_code == 0 and "synthetic" in result.stdout and "not yet available" in result.stdout
+    assert result.exit_code == 0 and "synthetic" in result.stdout
+    assert "flowers102" in result.stdout and "missing" in result.stdout
 
 
 def test_module_entry_point():

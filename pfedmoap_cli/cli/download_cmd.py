@@ -2,46 +2,61 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pfedmoap_cli.data.sources import dataset_names
-from pfedmoap_cli.errors import ConfigError
+from pfedmoap_cli.data.download import dataset_status, download_dataset, resources_of
+from pfedmoap_cli.data.sources import dataset_class, dataset_names
 
-HELP = """Download a dataset into the data root, or list what is available.
+HELP = """Download a dataset into the data root, or list the datasets and their status.
+
+Files are verified against their published checksums and unpacked in the
+layout the loaders read (see README, "Data"). Running it again skips what is
+already in place. Files that cannot be fetched automatically (CoOp's split
+files and FedBN's archives, on Google Drive) are listed with where to get them
+and where to put them.
 
 Examples:
 
   pfedmoap download --list
 
-  pfedmoap download --dataset synthetic
+  pfedmoap download --dataset flowers102
+
+  pfedmoap --data-root /data/pfedmoap download --dataset cifar10
 """
 
-# Datasets of the paper whose loaders and downloaders are not built yet.
-PLANNED = ("flowers102", "oxford_pets", "food101", "caltech101", "dtd", "domainnet", "office_caltech10", "cifar10", "cifar100")
-
 NOTES = {
-    "synthetic": "generated on the fly from a seed; nothing to download",
+    "synthetic": "built in: generated on the fly from a seed; nothing to download",
     "imagefolder": "your own images: one sub-folder per class (optionally under train/ and test/) in --data-root",
 }
 
 
+def _list(root: Path) -> None:
+    typer.echo(f"data root: {root}")
+    for name in dataset_names():
+        cls = dataset_class(name)
+        if not resources_of(cls):
+            typer.echo(f"  {name:18s} {'-':10s} {NOTES.get(name, 'nothing to download')}")
+            continue
+        status = dataset_status(cls, root)
+        detail = f"missing {', '.join(status.missing)}" if status.state == "incomplete" else ""
+        typer.echo(f"  {name:18s} {status.state:10s} {detail}".rstrip())
+
+
 def download(
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset to fetch.")] = None,
-    list_: Annotated[bool, typer.Option("--list", help="List datasets and their status.")] = False,
+    ctx: typer.Context,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset to fetch (see --list).")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the datasets and whether each is present under --data-root.")] = False,
 ) -> None:
-    available = dataset_names()
+    cli = ctx.obj
+    root = Path(cli.data_root)
     if list_ or dataset is None:
-        for name in available:
-            typer.echo(f"{name:18s} available: {NOTES.get(name, 'ready')}")
-        for name in PLANNED:
-            if name not in available:
-                typer.echo(f"{name:18s} not yet available")
+        _list(root)
         return
-    if dataset in available:
+    cls = dataset_class(dataset)  # ConfigError naming the valid datasets
+    if not resources_of(cls):
         typer.echo(f"{dataset}: {NOTES.get(dataset, 'nothing to download')}")
         return
-    if dataset in PLANNED:
-        raise ConfigError(f"dataset '{dataset}' is not yet available in this version; see 'pfedmoap download --list'")
-    raise ConfigError(f"unknown dataset '{dataset}'; see 'pfedmoap download --list'")
+    download_dataset(cls, root, progress=cli.progress, echo=typer.echo)

@@ -60,6 +60,11 @@ def partition(
 ) -> None:
     cli = ctx.obj
     recipe = load_recipe(dataset).get("partition", {})
+    if clients is not None and clients_per_domain is None and recipe.get("clients_per_domain") is not None:
+        raise ConfigError(
+            f"dataset {dataset} is split per domain ({recipe['clients_per_domain']} clients per domain by default); "
+            "pass --clients-per-domain N instead of --clients"
+        )
     scheme = choose_scheme(dirichlet, pathological, iid, recipe)
     dataset_options = {**recipe.get("dataset_options", {}), **parse_key_values(option or [], "--option")}
     settings = PartitionSettings(

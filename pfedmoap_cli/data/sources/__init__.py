@@ -11,6 +11,7 @@ from pfedmoap_cli.data.sources.registry import (
     register_dataset,
 )
 from pfedmoap_cli.data.sources import image_folder, synthetic  # noqa: F401  (registration)
+from pfedmoap_cli.data.sources import caltech101, cifar, domainnet, domainnet_full, dtd, flowers102, food101, office_caltech10, oxford_pets  # noqa: F401,E501  (registration)
 
 __all__ = [
     "DatasetSource",
