@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from pfedmoap_cli import __version__
-from pfedmoap_cli.cli import download_cmd, evaluate_cmd, partition_cmd, report_cmd, train_cmd
+from pfedmoap_cli.cli import download_cmd, evaluate_cmd, partition_cmd, report_cmd, sweep_cmd, train_cmd
 from pfedmoap_cli.cli.context import CliContext
 from pfedmoap_cli.errors import UserError
 
@@ -58,6 +58,7 @@ app.command("partition", help=partition_cmd.HELP)(partition_cmd.partition)
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
 app.command("evaluate", help=evaluate_cmd.HELP)(evaluate_cmd.evaluate)
 app.command("report", help=report_cmd.HELP)(report_cmd.report)
+app.command("sweep", help=sweep_cmd.HELP)(sweep_cmd.sweep)
 
 
 def main() -> None:

@@ -1,0 +1,164 @@
+"""Fill a paper table: build its partitions, then run every cell and seed not finished yet.
+
+Runs go through :func:`pfedmoap_cli.engine.runner.execute_run` with
+``IfExists.AUTO`` and their default run ids, so a finished run is skipped, an
+interrupted one resumes from its last complete round (ending with the same
+numbers as an unbroken run), and ``pfedmoap report --table`` finds them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pfedmoap_cli.artifacts.partition import save_partition
+from pfedmoap_cli.data.build_partition import build_partition
+from pfedmoap_cli.data.sources import dataset_names, open_dataset
+from pfedmoap_cli.engine.runner import IfExists, RunOutcome, execute_run
+from pfedmoap_cli.engine.session import method_options
+from pfedmoap_cli.engine.settings import validate_settings
+from pfedmoap_cli.engine.workspace import Workspace
+from pfedmoap_cli.errors import ConfigError
+from pfedmoap_cli.methods.base import get_method, method_names
+from pfedmoap_cli.report.cells import DONE, CellRun, PartitionChoice, cell_runs, partition_matches, record_partitions
+from pfedmoap_cli.report.table_recipes import TableRecipe
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows and datasets ``--only`` keeps (None: all)."""
+
+    rows: frozenset[str] | None = None
+    datasets: frozenset[str] | None = None
+
+
+def select(recipe: TableRecipe, only: Iterable[str] | None) -> Selection:
+    """Interpret ``--only`` values: dataset names, row keys or method names.
+
+    Values of one kind are alternatives; datasets and rows combine (a cell is
+    kept when its dataset and its row are both kept).
+    """
+    rows: set[str] = set()
+    datasets: set[str] = set()
+    for value in only or []:
+        hit = False
+        if any(d.name == value for d in recipe.datasets):
+            datasets.add(value)
+            hit = True
+        matching = [r.key for r in recipe.rows if r.key == value or r.method == value]
+        if matching:
+            rows.update(matching)
+            hit = True
+        if not hit:
+            raise ConfigError(
+                f"--only {value} matches no dataset, row or method of table {recipe.name}; choose from datasets "
+                f"{', '.join(d.name for d in recipe.datasets)} or rows {', '.join(r.key for r in recipe.rows)}"
+            )
+    return Selection(frozenset(rows) if rows else None, frozenset(datasets) if datasets else None)
+
+
+def selected_rows(recipe: TableRecipe, selection: Selection):
+    return [r for r in recipe.rows if selection.rows is None or r.key in selection.rows]
+
+
+def selected_datasets(recipe: TableRecipe, selection: Selection):
+    return [d for d in recipe.datasets if selection.datasets is None or d.name in selection.datasets]
+
+
+def unavailable(recipe: TableRecipe, selection: Selection) -> tuple[list[str], list[str]]:
+    """Methods and datasets the selection needs that this installation does not have."""
+    methods = sorted({r.method for r in selected_rows(recipe, selection)} - set(method_names()))
+    datasets = sorted({d.name for d in selected_datasets(recipe, selection)} - set(dataset_names()))
+    return methods, datasets
+
+
+def check_runnable(recipe: TableRecipe, selection: Selection) -> None:
+    """Refuse, before anything runs, a selection with an unknown method or dataset or bad method options."""
+    methods, datasets = unavailable(recipe, selection)
+    if methods:
+        available = [r.key for r in selected_rows(recipe, selection) if r.method not in methods]
+        hint = f"; run the rest with --only ({', '.join(available)})" if available else ""
+        raise ConfigError(
+            f"table {recipe.name} needs method(s) {', '.join(methods)}, not available in this version "
+            f"(registered: {', '.join(method_names())}){hint}"
+        )
+    if datasets:
+        raise ConfigError(
+            f"table {recipe.name} needs dataset(s) {', '.join(datasets)}, not available in this version "
+            f"(registered: {', '.join(dataset_names())}); leave them out with --only"
+        )
+    for spec in selected_datasets(recipe, selection):
+        for row in selected_rows(recipe, selection):
+            settings = recipe.cell_settings(spec.name, row.key, recipe.seeds[0])
+            method_options(get_method(settings.method), settings.method_options)
+
+
+def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datasets: Iterable[str]) -> dict[str, PartitionChoice]:
+    """Create (or find again: same data, same file) each dataset's partition and record it."""
+    chosen: dict[str, PartitionChoice] = {}
+    for name in datasets:
+        spec = recipe.dataset(name)
+        options = dict(spec.partition.dataset_options)
+        source = open_dataset(spec.name, Path(data_root), **options)
+        partition = build_partition(source, spec.partition.settings(recipe.partition_seed), options)
+        if recipe.per_domain:
+            got = list(dict.fromkeys(c.domain for c in partition.clients))
+            if got != list(spec.domains):
+                raise ConfigError(
+                    f"dataset {spec.name} has domains {', '.join(map(str, got))} but table recipe {recipe.path} lists "
+                    f"{', '.join(spec.domains)}; fix the recipe's domains"
+                )
+        if not partition_matches(partition, spec, recipe.partition_seed):
+            raise ConfigError(
+                f"the {spec.name} partition came out with {partition.num_clients} clients ({partition.scheme}), "
+                f"not the {spec.partition.clients} that table recipe {recipe.path} asks for; fix its partition settings"
+            )
+        path, sha = save_partition(partition, ws.partitions_dir, make_current=False)
+        chosen[name] = PartitionChoice(path, sha, partition.dataset)
+    record_partitions(ws, recipe, chosen)
+    return chosen
+
+
+def run_cells(
+    ws: Workspace,
+    data_root: Path,
+    recipe: TableRecipe,
+    cells: list[CellRun],
+    partitions: dict[str, PartitionChoice],
+    progress: bool = True,
+    device: str | None = None,
+    on_done: Callable[[CellRun, RunOutcome], None] | None = None,
+) -> list[RunOutcome]:
+    """Run every cell that is not done (partial ones resume); a tqdm bar counts all of them."""
+    from tqdm.auto import tqdm
+
+    todo = [c for c in cells if c.status != DONE]
+    outcomes = []
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"table {recipe.name}", unit="run", disable=not progress) as bar:
+        for cell in todo:
+            bar.set_postfix_str(f"{cell.dataset} {cell.row} s{cell.seed}")
+            settings = recipe.cell_settings(cell.dataset, cell.row, cell.seed)
+            if device is not None:
+                settings = validate_settings(replace(settings, device=device))
+            outcome = execute_run(
+                ws, data_root, settings, partitions[cell.dataset].path, run_id=None, if_exists=IfExists.AUTO, progress=progress
+            )
+            if cell.run_id is not None and outcome.run_id != cell.run_id:  # pragma: no cover - a bug, not a user error
+                raise RuntimeError(f"run id {outcome.run_id} differs from the expected {cell.run_id}")
+            outcomes.append(outcome)
+            bar.update(1)
+            if on_done is not None:
+                on_done(cell, outcome)
+    return outcomes
+
+
+def plan(ws: Workspace, recipe: TableRecipe, selection: Selection, partitions: dict[str, PartitionChoice | None]) -> list[CellRun]:
+    """The selected cells with their run states."""
+    return cell_runs(
+        ws,
+        recipe,
+        partitions,
+        rows=None if selection.rows is None else selection.rows,
+        datasets=None if selection.datasets is None else selection.datasets,
+    )

@@ -1,0 +1,180 @@
+"""A paper table from the runs present: mean +- std over seeds per cell, beside the paper's values.
+
+Definitions (PROTOCOL.md section 4):
+
+* a run's number is its last-round unweighted mean over clients of test
+  top-1 accuracy (:func:`pfedmoap_cli.report.runs.summarize_metrics`); a
+  per-domain column is the last-round mean over that domain's clients, and
+  ``avg`` is the run's headline (the mean over all clients: with equal
+  clients per domain, also the mean of the domain columns);
+* a cell is the mean over the table's seeds and the SAMPLE standard deviation
+  (ddof = 1) -- the spread of 3 seeds as an estimate of seed-to-seed
+  variation, the usual reading of a paper's "mean +- std over 3 seeds";
+* only finished runs count, and a cell is reported only when every seed has
+  one: a cell short of seeds says how many are missing (and how many are
+  still running or were interrupted) instead of averaging fewer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from pfedmoap_cli.artifacts.metrics import read_metrics
+from pfedmoap_cli.engine.workspace import RunPaths, Workspace
+from pfedmoap_cli.report.cells import DONE, PARTIAL, CellRun, PartitionChoice, cell_runs, find_partitions
+from pfedmoap_cli.report.runs import summarize_metrics
+from pfedmoap_cli.report.table_recipes import AVG, Column, PaperValue, TableRecipe
+
+STD_DDOF = 1
+
+
+@dataclass(frozen=True)
+class CellStat:
+    """One (row, column) of a table: our statistic, the paper's, and the seeds behind them."""
+
+    row: str
+    column: Column
+    seeds_expected: int
+    values: tuple[float, ...]  # one per finished seed, in seed order (percent)
+    seeds_done: tuple[int, ...]
+    seeds_partial: tuple[int, ...]
+    seeds_missing: tuple[int, ...]  # not finished (partial ones included)
+    run_ids: tuple[str, ...]
+    paper: PaperValue | None
+
+    @property
+    def complete(self) -> bool:
+        return not self.seeds_missing and len(self.values) == self.seeds_expected
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.values)) if self.complete else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample std (ddof=1) over seeds; None when incomplete or with a single seed."""
+        if not self.complete or len(self.values) <= STD_DDOF:
+            return None
+        return float(np.std(self.values, ddof=STD_DDOF))
+
+    @property
+    def diff(self) -> float | None:
+        """Ours minus the paper's mean, in percentage points."""
+        return None if self.mean is None or self.paper is None else self.mean - self.paper.mean
+
+    def missing_text(self) -> str:
+        text = f"missing {len(self.seeds_missing)}/{self.seeds_expected} seeds"
+        if self.seeds_partial:
+            text += f" ({len(self.seeds_partial)} partial)"
+        return text
+
+
+@dataclass
+class TableReport:
+    """A built table plus what it was built from."""
+
+    recipe: TableRecipe
+    cells: dict[tuple[str, str, str], CellStat]  # (row, dataset, column key)
+    runs: list[CellRun]
+    partitions: dict[str, PartitionChoice | None]
+    metrics: dict[str, pd.DataFrame] = field(default_factory=dict)  # run id -> metrics of finished runs
+
+    def cell(self, row: str, column: Column) -> CellStat:
+        return self.cells[(row, column.dataset, column.key)]
+
+    @property
+    def complete_cells(self) -> int:
+        return sum(c.complete for c in self.cells.values())
+
+    def best(self, column: Column) -> set[str]:
+        """The rows with the highest complete mean in ``column`` (all of them on a tie; empty when none is complete)."""
+        scored = {row: c.mean for (row, ds, key), c in self.cells.items() if ds == column.dataset and key == column.key and c.complete}
+        top = max(scored.values(), default=None)
+        return {row for row, mean in scored.items() if top is not None and mean >= top - 1e-9}
+
+
+def run_columns(metrics: pd.DataFrame, recipe: TableRecipe, dataset: str) -> dict[str, float]:
+    """A finished run's value (percent) in each of the dataset's columns."""
+    summary = summarize_metrics(metrics)
+    if not recipe.per_domain:
+        return {dataset: summary.final_mean_acc}
+    acc = metrics[(metrics["split"] == "test") & (metrics["metric"] == "accuracy")]
+    last = acc[acc["round"] == acc["round"].max()]
+    by_domain = last.groupby("domain")["value"].mean() * 100
+    values = {domain: float(v) for domain, v in by_domain.items()}
+    values[AVG] = summary.final_mean_acc
+    return values
+
+
+def build_table(recipe: TableRecipe, runs: list[CellRun], metrics: Mapping[str, pd.DataFrame]) -> dict[tuple[str, str, str], CellStat]:
+    """Cells of the table from the cells' run states and the finished runs' metrics.
+
+    ``metrics`` maps a run id to its metrics frame; runs whose status is not
+    ``done`` are never read. A finished run that lacks a column's domain
+    leaves that seed missing in that column.
+    """
+    by_cell: dict[tuple[str, str], list[CellRun]] = {}
+    for run in runs:
+        by_cell.setdefault((run.dataset, run.row), []).append(run)
+    values_of: dict[str, dict[str, float]] = {}
+    cells: dict[tuple[str, str, str], CellStat] = {}
+    for column in recipe.columns():
+        for row in recipe.rows:
+            seeds = sorted(by_cell.get((column.dataset, row.key), []), key=lambda r: recipe.seeds.index(r.seed))
+            values, done, partial, missing, run_ids = [], [], [], [], []
+            for seed in recipe.seeds:
+                run = next((r for r in seeds if r.seed == seed), None)
+                value = None
+                if run is not None and run.status == DONE and run.run_id in metrics:
+                    if run.run_id not in values_of:
+                        values_of[run.run_id] = run_columns(metrics[run.run_id], recipe, column.dataset)
+                    value = values_of[run.run_id].get(column.key)
+                if value is None or math.isnan(value):
+                    missing.append(seed)
+                    if run is not None and run.status == PARTIAL:
+                        partial.append(seed)
+                else:
+                    values.append(value)
+                    done.append(seed)
+                    run_ids.append(run.run_id)
+            cells[(row.key, column.dataset, column.key)] = CellStat(
+                row=row.key,
+                column=column,
+                seeds_expected=len(recipe.seeds),
+                values=tuple(values),
+                seeds_done=tuple(done),
+                seeds_partial=tuple(partial),
+                seeds_missing=tuple(missing),
+                run_ids=tuple(run_ids),
+                paper=recipe.paper_value(row.key, column),
+            )
+    return cells
+
+
+def load_finished_metrics(ws: Workspace, runs: list[CellRun]) -> dict[str, pd.DataFrame]:
+    """Metrics of every finished run (rows of rounds past its last complete one dropped)."""
+    frames = {}
+    for run in runs:
+        if run.status != DONE or run.run_id in frames:
+            continue
+        path = RunPaths(ws.run_dir(run.run_id)).metrics_csv
+        if not path.is_file():
+            continue
+        frame = read_metrics(path)
+        frame = frame[frame["round"] < run.total_rounds]
+        if ((frame["split"] == "test") & (frame["metric"] == "accuracy")).any():
+            frames[run.run_id] = frame
+    return frames
+
+
+def table_report(ws: Workspace, recipe: TableRecipe) -> TableReport:
+    """Build the table of ``recipe`` from the runs in workspace ``ws``."""
+    partitions = find_partitions(ws, recipe)
+    runs = cell_runs(ws, recipe, partitions)
+    metrics = load_finished_metrics(ws, runs)
+    return TableReport(recipe=recipe, cells=build_table(recipe, runs, metrics), runs=runs, partitions=partitions, metrics=metrics)

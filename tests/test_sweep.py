@@ -1,0 +1,142 @@
+"""``pfedmoap sweep``: partitions, skipping finished runs, resuming interrupted ones, --only, --dry-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import one_line_error
+
+# Three cheap cells on the synthetic world with the tiny random CLIP.
+SWEEP_TABLE = """
+[table]
+title = "Sweep test table"
+seeds = [1]
+partition_seed = 3
+columns = "domains"
+compare_paper = false
+[train]
+rounds = 2
+local_epochs = 1
+batch_size = 8
+n_ctx = 2
+backbone = "tiny-vit"
+pretrained = "none"
+[[datasets]]
+name = "synthetic"
+domains = ["photo", "sketch", "noisy"]
+partition = { scheme = "iid", clients = 3, clients_per_domain = 1, dataset_options = { train_per_class = 1, test_per_class = 1 } }
+[[rows]]
+key = "zsclip"
+method = "zsclip"
+train = { rounds = 1 }
+[[rows]]
+key = "coop"
+method = "coop"
+[[rows]]
+key = "promptfl"
+method = "promptfl"
+"""
+
+
+@pytest.fixture
+def table(tmp_path) -> Path:
+    path = tmp_path / "sweeptest.toml"
+    path.write_text(SWEEP_TABLE)
+    return path
+
+
+def test_dry_run_on_an_empty_workspace(cli, table, tmp_path):
+    result = cli("sweep", "--table", str(table), "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "3 runs: 0 done, 0 partial, 3 missing" in result.stdout
+    assert result.stdout.count("(partition not created yet)") == 3
+    assert not (tmp_path / "ws" / "runs").exists()  # a dry run changes nothing
+
+
+def test_sweep_resumes_after_an_interruption_without_redoing_finished_runs(cli, table, tmp_path, monkeypatch):
+    from pfedmoap_cli.report import sweep as sweep_module
+
+    real = sweep_module.execute_run
+    calls: list[tuple[str, int]] = []
+
+    def interrupted(ws, data_root, settings, partition_path, **kwargs):
+        calls.append((settings.method, settings.seed))
+        if settings.method == "coop":  # the sweep is stopped half-way through the second run
+            real(ws, data_root, settings, partition_path, **{**kwargs, "stop_after": 1})
+            raise KeyboardInterrupt
+        return real(ws, data_root, settings, partition_path, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "execute_run", interrupted)
+    result = cli("sweep", "--table", str(table))
+    assert result.exit_code == 130 and "continue with 'pfedmoap sweep --table" in result.stderr
+    assert calls == [("zsclip", 1), ("coop", 1)]
+
+    ws = tmp_path / "ws"
+    record = json.loads((ws / "sweeps" / "sweeptest.json").read_text())
+    assert record["partition_seed"] == 3
+    partition_file = ws / "partitions" / record["partitions"]["synthetic"]["file"]
+    assert json.loads(partition_file.read_text())["params"]["seed"] == 3
+    assert not (ws / "partitions" / "current").exists()  # the user's current partition is left alone
+
+    result = cli("sweep", "--table", str(table), "--dry-run")
+    assert "3 runs: 1 done, 1 partial, 1 missing" in result.stdout
+    assert "partial 1/2 rounds" in result.stdout
+    runs = {p.name.split("-")[1]: p for p in (ws / "runs").iterdir()}
+    assert set(runs) == {"zsclip", "coop"}
+    stamps = {name: (p / "metrics.csv").stat().st_mtime_ns for name, p in runs.items()}
+
+    calls.clear()
+
+    def counting(ws_, data_root, settings, partition_path, **kwargs):
+        calls.append((settings.method, settings.seed))
+        return real(ws_, data_root, settings, partition_path, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "execute_run", counting)
+    result = cli("sweep", "--table", str(table))
+    assert result.exit_code == 0, result.stderr
+    assert calls == [("coop", 1), ("promptfl", 1)]  # the finished zsclip run is not touched
+    assert (runs["zsclip"] / "metrics.csv").stat().st_mtime_ns == stamps["zsclip"]
+    assert (runs["coop"] / "metrics.csv").stat().st_mtime_ns != stamps["coop"]
+    progress = json.loads((runs["coop"] / "progress.json").read_text())
+    assert progress["completed_rounds"] == 2 and progress["finished"]
+
+    calls.clear()
+    result = cli("sweep", "--table", str(table))
+    assert result.exit_code == 0 and calls == [] and "nothing to run" in result.stdout
+
+    result = cli("report", "--table", str(table), "--no-plots")
+    assert result.exit_code == 0, result.stderr
+    assert "12/12 cells complete" in result.stdout
+    body = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(body) == 1 + 3 and not any("missing" in line for line in body)
+
+
+def test_only_filters_rows_and_datasets(cli, table):
+    result = cli("sweep", "--table", str(table), "--dry-run", "--only", "coop", "--only", "synthetic")
+    assert result.exit_code == 0, result.stderr
+    assert "1 runs: 0 done, 0 partial, 1 missing" in result.stdout
+    message = one_line_error(cli("sweep", "--table", str(table), "--only", "fedsomething"))
+    assert "--only fedsomething matches no dataset, row or method" in message and "promptfl" in message
+
+
+def test_unregistered_method_is_a_one_line_error(cli, table):
+    table.write_text(SWEEP_TABLE + '[[rows]]\nkey = "fancy"\nmethod = "fedfancy"\n')
+    message = one_line_error(cli("sweep", "--table", str(table)))
+    assert "needs method(s) fedfancy, not available" in message and "--only (zsclip, coop, promptfl)" in message
+    result = cli("sweep", "--table", str(table), "--dry-run")  # the dry run still lists them, flagged
+    assert result.exit_code == 0 and "[method fedfancy not available]" in result.stdout
+
+
+def test_bad_method_options_fail_before_anything_runs(cli, table, tmp_path):
+    table.write_text(SWEEP_TABLE.replace('key = "coop"\nmethod = "coop"', 'key = "coop"\nmethod = "coop"\ntrain = { method_options = { lam = 0.0 } }'))
+    message = one_line_error(cli("sweep", "--table", str(table)))
+    assert "coop takes no method options" in message
+    assert not (tmp_path / "ws" / "runs").exists()
+
+
+def test_unknown_table(cli):
+    message = one_line_error(cli("sweep", "--table", "5", "--dry-run"))
+    assert "unknown table '5'" in message and "demo" in message
