@@ -18,7 +18,7 @@ without knowing what it means.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
@@ -83,6 +83,13 @@ class ClientResult:
     train_loss: float
     bytes_down: int = 0
     bytes_up: int = 0
+
+    @classmethod
+    def exchanged(
+        cls, *, downloaded: Mapping[str, torch.Tensor], upload: State, client_state: State, num_examples: int, train_loss: float
+    ) -> "ClientResult":
+        """A result whose traffic is the tensors ``downloaded`` and ``upload``."""
+        return cls(upload, client_state, num_examples, train_loss, tensor_bytes(downloaded), tensor_bytes(upload))
 
 
 @dataclass(frozen=True)

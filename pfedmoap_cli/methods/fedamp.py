@@ -55,7 +55,6 @@ from pfedmoap_cli.methods.base import (
     RoundView,
     State,
     register_method,
-    tensor_bytes,
 )
 from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt
 from pfedmoap_cli.methods.fedprox import proximal_term
@@ -148,14 +147,8 @@ class FedAMP(FederatedMethod):
         own = job.client_state["ctx"] if job.client_state else job.server_state["ctx_init"]
         target = self.message(job.server_state, job.client_id, own)
         ctx, loss = train_prompt(self, job, own, extra_loss=proximal_term(target, self.options.lam))
-        upload = {"ctx": ctx}
-        return ClientResult(
-            upload=upload,
-            client_state={"ctx": ctx.clone()},
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"u": target}),
-            bytes_up=tensor_bytes(upload),
+        return ClientResult.exchanged(
+            downloaded={"u": target}, upload={"ctx": ctx}, client_state={"ctx": ctx.clone()}, num_examples=job.num_examples, train_loss=loss
         )
 
     # ---- evaluation -----------------------------------------------------

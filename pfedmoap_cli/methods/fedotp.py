@@ -65,7 +65,6 @@ from pfedmoap_cli.methods.base import (
     RoundView,
     State,
     register_method,
-    tensor_bytes,
 )
 from pfedmoap_cli.methods.local_training import cross_entropy, run_local_epochs, weighted_average
 from pfedmoap_cli.methods.ot import unbalanced_sinkhorn
@@ -195,14 +194,8 @@ class FedOTP(FederatedMethod):
             job.batches, [{"params": [prompts], "lr": env.training.lr, "cosine": True}], loss_fn, env.training, self.encode_tokens
         )
         trained = prompts.detach()
-        upload = {"ctx": trained[0].clone()}
-        return ClientResult(
-            upload=upload,
-            client_state={"local_ctx": trained[1].clone()},
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"ctx": global_ctx}),
-            bytes_up=tensor_bytes(upload),
+        return ClientResult.exchanged(
+            downloaded={"ctx": global_ctx}, upload={"ctx": trained[0].clone()}, client_state={"local_ctx": trained[1].clone()}, num_examples=job.num_examples, train_loss=loss
         )
 
     # ---- evaluation -----------------------------------------------------

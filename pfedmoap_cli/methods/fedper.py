@@ -39,7 +39,6 @@ from pfedmoap_cli.methods.base import (
     RoundView,
     State,
     register_method,
-    tensor_bytes,
 )
 from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt
 from pfedmoap_cli.methods.local_training import weighted_average
@@ -92,14 +91,8 @@ class FedPer(FederatedMethod):
         shared = job.server_state["ctx_shared"]
         personal = job.client_state["personal"] if job.client_state else job.server_state["personal_init"]
         ctx, loss = train_prompt(self, job, self.full_context(shared, personal))
-        upload = {"ctx_shared": ctx[: self.shared].clone()}
-        return ClientResult(
-            upload=upload,
-            client_state={"personal": ctx[self.shared :].clone()},
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"ctx_shared": shared}),
-            bytes_up=tensor_bytes(upload),
+        return ClientResult.exchanged(
+            downloaded={"ctx_shared": shared}, upload={"ctx_shared": ctx[: self.shared].clone()}, client_state={"personal": ctx[self.shared :].clone()}, num_examples=job.num_examples, train_loss=loss
         )
 
     # ---- evaluation -----------------------------------------------------

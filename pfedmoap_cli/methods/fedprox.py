@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from pfedmoap_cli.errors import ConfigError
-from pfedmoap_cli.methods.base import ClientJob, ClientResult, register_method, tensor_bytes
+from pfedmoap_cli.methods.base import ClientJob, ClientResult, register_method
 from pfedmoap_cli.methods.coop import train_prompt
 from pfedmoap_cli.methods.promptfl import PromptFL
 
@@ -68,14 +68,8 @@ class FedProx(PromptFL):
     def train_client(self, job: ClientJob) -> ClientResult:
         global_ctx = job.server_state["ctx"]
         ctx, loss = train_prompt(self, job, global_ctx, extra_loss=proximal_term(global_ctx, self.options.mu))
-        upload = {"ctx": ctx}
-        return ClientResult(
-            upload=upload,
-            client_state={},
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"ctx": global_ctx}),
-            bytes_up=tensor_bytes(upload),
+        return ClientResult.exchanged(
+            downloaded={"ctx": global_ctx}, upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss
         )
 
     # ---- server and evaluation: PromptFL's FedAvg and global prompt (inherited) ----

@@ -22,7 +22,6 @@ from pfedmoap_cli.methods.base import (
     RoundView,
     State,
     register_method,
-    tensor_bytes,
 )
 from pfedmoap_cli.methods.coop import train_prompt
 from pfedmoap_cli.methods.local_training import weighted_average
@@ -38,14 +37,8 @@ class PromptFL(FederatedMethod):
 
     def train_client(self, job: ClientJob) -> ClientResult:
         ctx, loss = train_prompt(self, job, job.server_state["ctx"])
-        upload = {"ctx": ctx}
-        return ClientResult(
-            upload=upload,
-            client_state={},
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"ctx": job.server_state["ctx"]}),
-            bytes_up=tensor_bytes(upload),
+        return ClientResult.exchanged(
+            downloaded={"ctx": job.server_state["ctx"]}, upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss
         )
 
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:

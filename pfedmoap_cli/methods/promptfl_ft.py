@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pfedmoap_cli.errors import ConfigError
-from pfedmoap_cli.methods.base import ClientEvaluator, ClientJob, ClientResult, RoundView, register_method, tensor_bytes
+from pfedmoap_cli.methods.base import ClientEvaluator, ClientJob, ClientResult, RoundView, register_method
 from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt
 from pfedmoap_cli.methods.promptfl import PromptFL
 
@@ -64,14 +64,8 @@ class PromptFLFineTune(PromptFL):
         ft_ctx = ctx
         if self.options.ft_epochs > 0:
             ft_ctx, _ = train_prompt(self, job, ctx, epochs=self.options.ft_epochs)
-        upload = {"ctx": ctx}
-        return ClientResult(
-            upload=upload,
-            client_state={"ft_ctx": ft_ctx},
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"ctx": global_ctx}),
-            bytes_up=tensor_bytes(upload),
+        return ClientResult.exchanged(
+            downloaded={"ctx": global_ctx}, upload={"ctx": ctx}, client_state={"ft_ctx": ft_ctx}, num_examples=job.num_examples, train_loss=loss
         )
 
     # ---- server: PromptFL's FedAvg of "ctx" (inherited) -------------------
