@@ -227,3 +227,14 @@ def test_named_pfedmoap_flags_are_method_options(cli, tmp_path):
     }
     # a pFedMoAP flag on a method without that option is an error, not silently dropped
     assert "num_experts" in one_line_error(cli(*TRAIN, "--method", "promptfl", "--num-experts", "2"))
+
+
+def test_worker_processes_are_reproducible(cli, tmp_path):
+    """With --workers the augmentation comes from seeded worker RNGs: two runs agree exactly."""
+    texts = []
+    for ws in ("a", "b"):
+        assert partition_small(cli, "--iid", workspace=tmp_path / ws).exit_code == 0
+        result = cli(*TRAIN[:2], "1", *TRAIN[3:], "--method", "promptfl", "--workers", "1", workspace=tmp_path / ws)
+        assert result.exit_code == 0, result.stderr
+        texts.append(next((tmp_path / ws / "runs").glob("*/metrics.csv")).read_text())
+    assert texts[0] == texts[1]

@@ -73,6 +73,7 @@ def train(
         Optional[bool], typer.Option("--truncate/--no-truncate", help="Run the text encoder only up to the last EOT token (exact).")
     ] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size for evaluation and features.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--workers", help="Image-loading worker processes (0: in the main process).")] = None,
     method_option: Annotated[
         Optional[list[str]], typer.Option("--method-option", help="Method-specific KEY=VALUE; repeatable.")
     ] = None,
@@ -103,7 +104,7 @@ def train(
         method=method, rounds=rounds, local_epochs=local_epochs, frac=frac, batch_size=batch_size, seed=seed, lr=lr,
         n_ctx=n_ctx, ctx_init=ctx_init, backbone=backbone, pretrained=pretrained, backbone_seed=backbone_seed,
         device=device, amp=amp, truncate_prompts=truncate_prompts, eval_batch_size=eval_batch_size,
-        method_options=options or None,
+        num_workers=num_workers, method_options=options or None,
     )
     if resume and run_id:
         record = read_run_record(RunPaths(ws.run_dir(run_id)))

@@ -27,16 +27,26 @@ class ClientTrainImages(Dataset):
 
 
 def epoch_batches(
-    dataset: ClientTrainImages, batch_size: int, generator: torch.Generator, device: torch.device
+    dataset: ClientTrainImages, batch_size: int, generator: torch.Generator, device: torch.device, num_workers: int = 0
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """A function yielding one shuffled epoch of (images, labels) on ``device`` per call.
 
-    The shuffle order comes from ``generator`` and the augmentation from the
-    global torch RNG, both seeded by the engine per (round, client).
+    The shuffle order comes from ``generator``. Augmentation draws from the
+    global torch RNG, seeded by the engine per (round, client); with worker
+    processes each worker's RNG is seeded from ``generator`` instead, which is
+    just as reproducible but gives other draws (so ``num_workers`` is part of
+    a run's identity).
     """
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=0)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
         for images, labels in loader:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 

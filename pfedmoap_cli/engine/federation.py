@@ -112,7 +112,13 @@ class Federation:
             round_index=round_index,
             server_state=server_state,
             client_state=client_state,
-            batches=epoch_batches(dataset, self.settings.batch_size, torch_generator(seed, "shuffle", round_index, client_id), self.session.device),
+            batches=epoch_batches(
+                dataset,
+                self.settings.batch_size,
+                torch_generator(seed, "shuffle", round_index, client_id),
+                self.session.device,
+                self.settings.num_workers,
+            ),
             num_examples=len(dataset),
             generator=torch_generator(seed, "method", round_index, client_id),
         )

@@ -120,6 +120,7 @@ def open_session(settings: TrainSettings, partition: Partition, partition_sha256
         source.fingerprint(),
         features_cache,
         batch_size=settings.eval_batch_size,
+        num_workers=settings.num_workers,
         progress=progress,
         desc="test tokens" if method_cls.needs_local_tokens else "test features",
         tokens=method_cls.needs_local_tokens,

@@ -38,6 +38,7 @@ class TrainSettings:
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
+    num_workers: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -113,6 +114,7 @@ def validate_settings(settings: TrainSettings) -> TrainSettings:
         (settings.n_ctx >= 1, "--n-ctx must be at least 1"),
         (settings.seed >= 0, "--seed must be non-negative"),
         (settings.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
+        (settings.num_workers >= 0, "--workers must be 0 or more"),
         (settings.device in {"auto", "cpu", "cuda"} or settings.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
     ]
     for ok, message in checks:
