@@ -10,7 +10,9 @@ export PFEDMOAP_WORKSPACE=pfedmoap-workspace/demo
 rm -rf "$PFEDMOAP_WORKSPACE"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)
-.venv/bin/pfedmoap partition --dataset synthetic
-.venv/bin/pfedmoap train
+.venv/bin/pfedmoap partition --dataset synthetic   # recipe default: pathological, 6 clients, 16 shots
+.venv/bin/pfedmoap train --method zsclip --rounds 1
+.venv/bin/pfedmoap train --method promptfl
+.venv/bin/pfedmoap train                           # recipe default: pfedmoap
 .venv/bin/pfedmoap report
 echo "demo finished in $(( $(date +%s) - start )) s (after setup)"

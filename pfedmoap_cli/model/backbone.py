@@ -38,7 +38,7 @@ __all__ = ["BackboneSpec", "FrozenClip", "load_backbone", "resolve_device", "reg
 _CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTERED = False
 _CLIP_TEXT_ATTRS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
-_LIST_MODELS_HINT = "see the names with: python -c \"import open_clip; print(open_clip.list_models())\" (plus tiny-vit, tiny-rn)"
+_LIST_MODELS_HINT = "see the names with: python -c \"import open_clip; print(open_clip.list_models())\" (plus tiny-vit, tiny-rn, micro-clip)"
 
 
 def register_tiny_configs() -> None:
@@ -299,8 +299,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", amp: b
         _check_model_name(open_clip, spec.model)
         clip = _create_seeded(open_clip, spec.model, spec.init_seed, pretrained=None)
     elif (shipped := project_weights.get_pretrained(spec.model, spec.pretrained)) is not None:
-        clip = _create_seeded(open_clip, spec.model, spec.init_seed, pretrained=None)
-        load_open_clip_state(clip, project_weights.load_pretrained_state(shipped), spec.model, project_weights.weights_path(shipped))
+        clip = project_weights.create_pretrained_model(shipped)
     else:
         _check_model_name(open_clip, spec.model)
         clip = _create_from_tag(open_clip, spec)

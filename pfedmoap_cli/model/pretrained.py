@@ -15,15 +15,18 @@ that names the fix.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pfedmoap_cli.artifacts.atomic import sha256_file
+from pfedmoap_cli.compat import import_open_clip
 from pfedmoap_cli.errors import ArtifactError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ register_pretrained(
         model="micro-clip",
         tag="synthetic",
         filename="micro-clip-synthetic.safetensors",
-        sha256="0" * 64,
+        sha256="439f054827572b8c3396921974076623122b39a2d776b0cda2dffbaca8cf842e",
         command="OMP_NUM_THREADS=1 python scripts/pretrain_microclip.py --out pfedmoap_cli/model/weights",
         description="micro-CLIP pretrained contrastively on the synthetic world (fp16 storage, loaded as fp32)",
     )
@@ -142,3 +145,40 @@ def load_pretrained_state(entry: PretrainedWeights) -> dict[str, torch.Tensor]:
 def weights_identity(entry: PretrainedWeights) -> str:
     """Stable string naming these exact weights (for feature-cache keys)."""
     return f"{entry.model}|{entry.tag}|sha256:{entry.sha256}"
+
+
+class _NoRandomInitWarning(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning: the weights are loaded right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def create_pretrained_model(entry: PretrainedWeights) -> torch.nn.Module:
+    """Build ``entry``'s open_clip architecture and load its verified weights (float32, train mode as built).
+
+    Raises
+    ------
+    ArtifactError
+        Missing or altered file, or weights that do not fit the architecture's config.
+    """
+    open_clip = import_open_clip()
+    state = load_pretrained_state(entry)  # verify before building anything
+    if open_clip.get_model_config(entry.model) is None:
+        open_clip.add_model_config(CONFIG_DIR)
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(0)
+            model = open_clip.create_model(entry.model, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ArtifactError(
+            f"the weights of {entry.model}/{entry.tag} do not fit configs/{entry.model}.json "
+            f"({str(error).splitlines()[0][:160]}); restore the config or regenerate the weights with: {entry.command}"
+        ) from error
+    return model
