@@ -11,6 +11,8 @@ switches it on, as open_clip only warns about the mismatch).
 
 from __future__ import annotations
 
+import logging
+
 import functools
 import os
 from dataclasses import dataclass
@@ -225,11 +227,24 @@ def _check_model_name(open_clip, name: str) -> None:
         )
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs a warning for every model built without weights; here that is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def _create_seeded(open_clip, name: str, seed: int, **kwargs) -> torch.nn.Module:
     # fork_rng keeps the caller's RNG stream untouched by weight initialisation.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return open_clip.create_model(name, **kwargs)
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, **kwargs)
+    finally:
+        root.removeFilter(notice)
 
 
 def _create_from_tag(open_clip, spec: BackboneSpec) -> torch.nn.Module:
