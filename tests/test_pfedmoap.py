@@ -420,5 +420,6 @@ def test_cli_resume_reproduces_metrics(cli, tmp_path):
 
 def test_cli_bad_gating_width_is_one_line(cli):
     partition8(cli)
-    message = one_line_error(cli("train", "--method", "pfedmoap", "--rounds", "1", "--n-ctx", "2"))
+    message = one_line_error(cli("train", "--method", "pfedmoap", "--rounds", "1", "--n-ctx", "2",
+                                 "--backbone", "tiny-vit", "--pretrained", "none", "--gating-dim", "128"))
     assert "gating_dim" in message and "--method-option" in message
