@@ -3,7 +3,7 @@
 Real learning end to end through the command line, with the shipped micro-CLIP
 (``micro-clip`` / ``synthetic``): 6 clients x 6 disjoint classes, 16 shots per
 class, 3 rounds x 2 local epochs, 4 context tokens, batch 16, lr 0.005; for
-pFedMoAP K = 5 (every other client), d_g = 16 of the 64-wide embedding, 4
+pFedMoAP K = 5 (every other client), d_g = 16 of the 128-wide embedding, 4
 heads, lambda 0.5. Final-round mean client accuracy in % (CPU, torch 2.13,
 shipped weights sha256 439f0548...), partition and training seeds 1, 2, 3::
 
