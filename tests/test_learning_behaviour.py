@@ -8,19 +8,27 @@ beat zero-shot CLIP on the pathological split (6 clients x 6 classes,
 16 shots per class; each client is scored on its own classes, argmax over all
 36).
 
-Measured on the shipped weights (sha256 439f0548...), CPU, torch 2.13, with
-the settings of ``TRAIN`` below (3 rounds x 2 local epochs, 4 context tokens,
-batch 16, lr 0.005). Final-round mean client accuracy in %, partition and
-training seeds 1, 2, 3 on the default world::
+Measured on the shipped weights (sha256 439f0548...), CPU, one thread,
+torch 2.13, with the settings of ``TRAIN`` below (3 rounds x 2 local epochs,
+4 context tokens, batch 16, lr 0.005). Final-round mean client accuracy in %,
+9 runs: partition and training seeds 1-5 on the default world, seeds 1-2 on
+worlds 1 and 2 (``--option seed=N``)::
 
-    zero-shot   68.06  68.06  68.06   (the same for every seed: the six
-                                       clients together hold every test image)
-    CoOp        75.77  78.01  79.63   mean 77.80 +- 1.94, gain +7.7 .. +11.6
-    PromptFL    71.30  69.91  70.60   mean 70.60 +- 0.70, gain +1.9 .. +3.2
+    world/seed  0/1    0/2    0/3    0/4    0/5    1/1    1/2    2/1    2/2
+    zero-shot   68.06  68.06  68.06  68.06  68.06  67.28  67.28  66.44  66.44
+    CoOp        75.77  78.01  79.63  79.48  78.86  78.94  78.94  76.93  75.69
+    PromptFL    71.30  69.91  70.60  70.06  69.52  72.99  70.29  68.83  69.52
 
-This test runs seed 1 (zero-shot 68.06, CoOp 75.77, PromptFL 71.30).
-Zero-shot on the whole test split: 68.1% (photo 71.3, sketch 85.9, noisy
-47.0). The gain thresholds sit at about half the smallest measured gain.
+    zero-shot   67.52 +- 0.70   (one value per world: the six clients
+                                 together hold every test image)
+    CoOp        78.03 +- 1.53   gain over zero-shot +7.7 .. +11.7, mean +10.5
+    PromptFL    70.34 +- 1.22   gain over zero-shot +1.5 .. +5.7,  mean +2.8
+
+This test runs world 0, seed 1 (zero-shot 68.06, CoOp 75.77, PromptFL
+71.30). Zero-shot on the whole test split: 68.1% (photo 71.3, sketch 85.9,
+noisy 47.0). The gain thresholds sit below the smallest measured gain
+(PromptFL's round-to-round wobble under the pathological split is about
++-1.5 points, so its threshold is the tighter one).
 """
 
 from __future__ import annotations
@@ -37,8 +45,8 @@ from pfedmoap_cli.model.prompt import encode_texts
 ZERO_SHOT_MIN = 0.55  # measured 0.681
 ZERO_SHOT_MAX = 0.75  # headroom: a learned prompt must have something to improve
 DOMAIN_MIN = 0.35  # measured: noisy 0.470, photo 0.713, sketch 0.859
-COOP_GAIN_MIN = 0.04  # measured +0.077 .. +0.116
-PROMPTFL_GAIN_MIN = 0.01  # measured +0.019 .. +0.032
+COOP_GAIN_MIN = 0.04  # measured +0.077 .. +0.117 (9 runs)
+PROMPTFL_GAIN_MIN = 0.01  # measured +0.015 .. +0.057 (9 runs), this case +0.032
 
 TRAIN = ("--backbone", "micro-clip", "--pretrained", "synthetic", "--rounds", "3", "--local-epochs", "2",
          "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005", "--seed", "1")
