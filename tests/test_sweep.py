@@ -140,3 +140,68 @@ def test_bad_method_options_fail_before_anything_runs(cli, table, tmp_path):
 def test_unknown_table(cli):
     message = one_line_error(cli("sweep", "--table", "5", "--dry-run"))
     assert "unknown table '5'" in message and "demo" in message
+
+
+TWO_PARTITIONS_TABLE = """
+[table]
+title = "One dataset, two partitions"
+seeds = [1]
+partition_seed = 2
+columns = "datasets"
+compare_paper = false
+[train]
+rounds = 1
+local_epochs = 1
+batch_size = 8
+n_ctx = 2
+backbone = "tiny-vit"
+pretrained = "none"
+[[datasets]]
+name = "synthetic"
+key = "synthetic-patho"
+label = "Pathological"
+partition = { scheme = "pathological", clients = 3, shots = 1, dataset_options = { train_per_class = 1, test_per_class = 1 } }
+[[datasets]]
+name = "synthetic"
+key = "synthetic-dir"
+label = "Dirichlet"
+partition = { scheme = "dirichlet", clients = 3, alpha = 0.5, min_size = 1, dataset_options = { train_per_class = 1, test_per_class = 1 } }
+[[rows]]
+key = "promptfl"
+method = "promptfl"
+"""
+
+
+def test_one_dataset_under_two_partitions_gives_two_columns(cli, tmp_path):
+    table = tmp_path / "twoparts.toml"
+    table.write_text(TWO_PARTITIONS_TABLE)
+    result = cli("sweep", "--table", str(table), "--only", "synthetic-dir", "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "1 runs: 0 done, 0 partial, 1 missing" in result.stdout  # a key selects its entry only
+    result = cli("sweep", "--table", str(table))
+    assert result.exit_code == 0, result.stderr
+
+    ws = tmp_path / "ws"
+    record = json.loads((ws / "sweeps" / "twoparts.json").read_text())
+    assert set(record["partitions"]) == {"synthetic-patho", "synthetic-dir"}
+    schemes = {key: json.loads((ws / "partitions" / entry["file"]).read_text())["scheme"] for key, entry in record["partitions"].items()}
+    assert schemes == {"synthetic-patho": "pathological", "synthetic-dir": "dirichlet"}
+    assert len(list((ws / "runs").iterdir())) == 2  # one run per partition: the run id binds the partition
+
+    result = cli("report", "--table", str(table), "--no-plots")
+    assert result.exit_code == 0, result.stderr
+    assert "2/2 cells complete" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| "))
+    assert "Pathological" in header and "Dirichlet" in header
+    result = cli("sweep", "--table", str(table), "--only", "synthetic", "--dry-run")  # the name selects both entries
+    assert "2 runs: 2 done" in result.stdout
+
+
+def test_a_dataset_key_used_twice_is_refused(tmp_path):
+    from pfedmoap_cli.errors import ConfigError
+    from pfedmoap_cli.report.table_recipes import load_table_recipe
+
+    path = tmp_path / "dup.toml"
+    path.write_text(TWO_PARTITIONS_TABLE.replace('key = "synthetic-dir"', 'key = "synthetic-patho"'))
+    with pytest.raises(ConfigError, match="dataset key synthetic-patho is used twice"):
+        load_table_recipe(str(path))

@@ -72,7 +72,7 @@ def sweep(
             typer.echo(line)
         return
     check_runnable(recipe, selection)
-    datasets = [d.name for d in recipe.datasets if selection.datasets is None or d.name in selection.datasets]
+    datasets = [d.key for d in recipe.datasets if selection.datasets is None or d.key in selection.datasets]
     partitions = build_partitions(ws, cli.data_root, recipe, datasets)
     cells = plan(ws, recipe, selection, partitions)
     todo = [c for c in cells if c.status != DONE]

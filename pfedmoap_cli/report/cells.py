@@ -104,7 +104,7 @@ def partition_matches(partition: Partition, spec: DatasetSpec, partition_seed: i
         expected.pop("num_clients")
     params = {k: v for k, v in partition.params.items() if k in expected}
     return (
-        partition.dataset == spec.name
+        partition.dataset == spec.name  # the registered dataset, not the entry's key
         and partition.scheme == spec.partition.scheme_name
         and dict(partition.dataset_options) == dict(spec.partition.dataset_options)
         and params == expected
@@ -124,11 +124,11 @@ def _loaded_partitions(ws: Workspace) -> Iterable[tuple[Path, Partition, str]]:
 def find_partitions(ws: Workspace, recipe: TableRecipe) -> dict[str, PartitionChoice | None]:
     """The partition each dataset of the table uses, or None where there is none yet."""
     recorded = read_manifest(ws, recipe).get("partitions", {})
-    candidates: dict[str, list[PartitionChoice]] = {d.name: [] for d in recipe.datasets}
+    candidates: dict[str, list[PartitionChoice]] = {d.key: [] for d in recipe.datasets}
     chosen: dict[str, PartitionChoice | None] = {}
     scanned = None
     for spec in recipe.datasets:
-        entry = recorded.get(spec.name)
+        entry = recorded.get(spec.key)
         if isinstance(entry, dict) and (ws.partitions_dir / str(entry.get("file"))).is_file():
             path = ws.partitions_dir / str(entry["file"])
             try:
@@ -136,24 +136,24 @@ def find_partitions(ws: Workspace, recipe: TableRecipe) -> dict[str, PartitionCh
             except ArtifactError:
                 partition, sha = None, ""
             if partition is not None and sha == entry.get("sha256") and partition_matches(partition, spec, recipe.partition_seed):
-                chosen[spec.name] = PartitionChoice(path, sha, partition.dataset)
+                chosen[spec.key] = PartitionChoice(path, sha, partition.dataset)
                 continue
         if scanned is None:
             scanned = list(_loaded_partitions(ws))
         for path, partition, sha in scanned:
             if partition_matches(partition, spec, recipe.partition_seed):
-                candidates[spec.name].append(PartitionChoice(path, sha, partition.dataset))
-        found = candidates[spec.name]
+                candidates[spec.key].append(PartitionChoice(path, sha, partition.dataset))
+        found = candidates[spec.key]
         if not found:
-            chosen[spec.name] = None
+            chosen[spec.key] = None
         elif len(found) == 1:
-            chosen[spec.name] = found[0]
+            chosen[spec.key] = found[0]
         else:
             # Several (the dataset's files changed between partitions): take the one
             # with the most finished runs of this table, and say so.
-            best = max(found, key=lambda c: (_finished_runs(ws, recipe, spec.name, c), c.path.stat().st_mtime))
+            best = max(found, key=lambda c: (_finished_runs(ws, recipe, spec.key, c), c.path.stat().st_mtime))
             names = ", ".join(c.path.name for c in found)
-            chosen[spec.name] = PartitionChoice(
+            chosen[spec.key] = PartitionChoice(
                 best.path, best.sha256, best.dataset, note=f"{len(found)} partitions match ({names}); using {best.path.name}, which has the most finished runs"
             )
     return chosen
@@ -175,26 +175,26 @@ def cell_runs(
     datasets = set(datasets) if datasets is not None else None
     cells = []
     for spec in recipe.datasets:
-        if datasets is not None and spec.name not in datasets:
+        if datasets is not None and spec.key not in datasets:
             continue
-        choice = partitions.get(spec.name)
+        choice = partitions.get(spec.key)
         for row in recipe.rows:
             if rows is not None and row.key not in rows:
                 continue
             for seed in recipe.seeds:
-                settings = recipe.cell_settings(spec.name, row.key, seed)
+                settings = recipe.cell_settings(spec.key, row.key, seed)
                 if choice is None:
-                    cells.append(CellRun(spec.name, row.key, seed, None, MISSING, 0, settings.rounds))
+                    cells.append(CellRun(spec.key, row.key, seed, None, MISSING, 0, settings.rounds))
                     continue
                 run_id = default_run_id(settings, choice.dataset, choice.sha256)
                 paths = RunPaths(ws.run_dir(run_id))
                 if not paths.run_json.is_file():
-                    cells.append(CellRun(spec.name, row.key, seed, run_id, MISSING, 0, settings.rounds))
+                    cells.append(CellRun(spec.key, row.key, seed, run_id, MISSING, 0, settings.rounds))
                     continue
                 try:
                     done = completed_rounds(paths)
                 except ArtifactError:
                     done = 0
                 status = DONE if done >= settings.rounds else PARTIAL
-                cells.append(CellRun(spec.name, row.key, seed, run_id, status, min(done, settings.rounds), settings.rounds))
+                cells.append(CellRun(spec.key, row.key, seed, run_id, status, min(done, settings.rounds), settings.rounds))
     return cells

@@ -85,7 +85,7 @@ def _grid(plt, panels: int, width: float = 5.0, height: float = 3.6):
 def plot_rounds(report: TableReport, out: Path) -> Path | None:
     """Mean client accuracy per round per method, one panel per dataset."""
     runs = _runs_by_cell(report)
-    datasets = [d for d in report.recipe.datasets if any((d.name, r.key) in runs for r in report.recipe.rows)]
+    datasets = [d for d in report.recipe.datasets if any((d.key, r.key) in runs for r in report.recipe.rows)]
     if not datasets:
         return None
     plt = _pyplot()
@@ -95,7 +95,7 @@ def plot_rounds(report: TableReport, out: Path) -> Path | None:
     for ax, spec in zip(axes, datasets):
         curves_of = {}
         for row in report.recipe.rows:
-            frames = runs.get((spec.name, row.key))
+            frames = runs.get((spec.key, row.key))
             if frames:
                 curves_of[row.key] = pd.concat(
                     [_accuracy(f).groupby("round")["value"].mean().rename(i) * 100 for i, f in enumerate(frames)], axis=1
@@ -131,7 +131,7 @@ def plot_rounds(report: TableReport, out: Path) -> Path | None:
 def plot_clients(report: TableReport, out: Path) -> Path | None:
     """Last-round per-client accuracy per method (box over clients and seeds), one panel per dataset."""
     runs = _runs_by_cell(report)
-    datasets = [d for d in report.recipe.datasets if any((d.name, r.key) in runs for r in report.recipe.rows)]
+    datasets = [d for d in report.recipe.datasets if any((d.key, r.key) in runs for r in report.recipe.rows)]
     if not datasets:
         return None
     plt = _pyplot()
@@ -139,7 +139,7 @@ def plot_clients(report: TableReport, out: Path) -> Path | None:
     for ax, spec in zip(axes, datasets):
         data, labels = [], []
         for row in report.recipe.rows:
-            frames = runs.get((spec.name, row.key))
+            frames = runs.get((spec.key, row.key))
             if not frames:
                 continue
             values = []
@@ -186,7 +186,7 @@ def plot_attention(report: TableReport, out: Path) -> list[Path]:
     written = []
     for spec in report.recipe.datasets:
         for row in report.recipe.rows:
-            frames = runs.get((spec.name, row.key))
+            frames = runs.get((spec.key, row.key))
             if not frames:
                 continue
             matrix = attention_matrix(frames)
@@ -214,7 +214,7 @@ def plot_attention(report: TableReport, out: Path) -> list[Path]:
                 fontsize=8,
             )
             fig.tight_layout()
-            path = out / f"{report.recipe.stem}_attention_{spec.name}_{row.key}.png"
+            path = out / f"{report.recipe.stem}_attention_{spec.key}_{row.key}.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)

@@ -64,11 +64,11 @@ def _progress_lines(report: TableReport) -> list[str]:
     if report.complete_cells < total:
         lines[0] += f" Fill the rest with 'pfedmoap sweep --table {recipe.name}' ('--dry-run' lists them)."
     for spec in recipe.datasets:
-        choice = report.partitions.get(spec.name)
+        choice = report.partitions.get(spec.key)
         if choice is None:
-            lines.append(f"{spec.name}: no partition yet (the sweep creates it)")
+            lines.append(f"{spec.key}: no partition yet (the sweep creates it)")
         else:
-            lines.append(f"{spec.name}: partition {choice.path.name} (sha256 {choice.sha256[:12]})" + (f"; {choice.note}" if choice.note else ""))
+            lines.append(f"{spec.key}: partition {choice.path.name} (sha256 {choice.sha256[:12]})" + (f"; {choice.note}" if choice.note else ""))
     return lines
 
 

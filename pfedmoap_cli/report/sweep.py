@@ -34,17 +34,19 @@ class Selection:
 
 
 def select(recipe: TableRecipe, only: Iterable[str] | None) -> Selection:
-    """Interpret ``--only`` values: dataset names, row keys or method names.
+    """Interpret ``--only`` values: dataset keys or names, row keys or method names.
 
-    Values of one kind are alternatives; datasets and rows combine (a cell is
-    kept when its dataset and its row are both kept).
+    A dataset name selects every entry of that dataset. Values of one kind are
+    alternatives; datasets and rows combine (a cell is kept when its dataset
+    entry and its row are both kept).
     """
     rows: set[str] = set()
     datasets: set[str] = set()
     for value in only or []:
         hit = False
-        if any(d.name == value for d in recipe.datasets):
-            datasets.add(value)
+        entries = [d.key for d in recipe.datasets if value in (d.key, d.name)]
+        if entries:
+            datasets.update(entries)
             hit = True
         matching = [r.key for r in recipe.rows if r.key == value or r.method == value]
         if matching:
@@ -53,7 +55,7 @@ def select(recipe: TableRecipe, only: Iterable[str] | None) -> Selection:
         if not hit:
             raise ConfigError(
                 f"--only {value} matches no dataset, row or method of table {recipe.name}; choose from datasets "
-                f"{', '.join(d.name for d in recipe.datasets)} or rows {', '.join(r.key for r in recipe.rows)}"
+                f"{', '.join(d.key for d in recipe.datasets)} or rows {', '.join(r.key for r in recipe.rows)}"
             )
     return Selection(frozenset(rows) if rows else None, frozenset(datasets) if datasets else None)
 
@@ -63,7 +65,7 @@ def selected_rows(recipe: TableRecipe, selection: Selection):
 
 
 def selected_datasets(recipe: TableRecipe, selection: Selection):
-    return [d for d in recipe.datasets if selection.datasets is None or d.name in selection.datasets]
+    return [d for d in recipe.datasets if selection.datasets is None or d.key in selection.datasets]
 
 
 def unavailable(recipe: TableRecipe, selection: Selection) -> tuple[list[str], list[str]]:
@@ -90,15 +92,15 @@ def check_runnable(recipe: TableRecipe, selection: Selection) -> None:
         )
     for spec in selected_datasets(recipe, selection):
         for row in selected_rows(recipe, selection):
-            settings = recipe.cell_settings(spec.name, row.key, recipe.seeds[0])
+            settings = recipe.cell_settings(spec.key, row.key, recipe.seeds[0])
             method_options(get_method(settings.method), settings.method_options)
 
 
 def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datasets: Iterable[str]) -> dict[str, PartitionChoice]:
-    """Create (or find again: same data, same file) each dataset's partition and record it."""
+    """Create (or find again: same data, same file) the partition of each dataset entry (by key) and record it."""
     chosen: dict[str, PartitionChoice] = {}
-    for name in datasets:
-        spec = recipe.dataset(name)
+    for key in datasets:
+        spec = recipe.dataset(key)
         options = dict(spec.partition.dataset_options)
         source = open_dataset(spec.name, Path(data_root), **options)
         partition = build_partition(source, spec.partition.settings(recipe.partition_seed), options)
@@ -115,7 +117,7 @@ def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datase
                 f"not the {spec.partition.clients} that table recipe {recipe.path} asks for; fix its partition settings"
             )
         path, sha = save_partition(partition, ws.partitions_dir, make_current=False)
-        chosen[name] = PartitionChoice(path, sha, partition.dataset)
+        chosen[key] = PartitionChoice(path, sha, partition.dataset)
     record_partitions(ws, recipe, chosen)
     return chosen
 

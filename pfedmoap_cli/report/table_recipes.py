@@ -24,6 +24,8 @@ Format (keys not listed here are errors)::
 
     [[datasets]]
     name = "flowers102"
+    key = "flowers102"                        # optional, default name; the column's id. Distinct keys let
+                                              # one dataset appear twice (e.g. two partition schemes)
     label = "Flowers102"                      # optional
     domains = ["clipart", "..."]              # required when columns = "domains"
     partition = { scheme = "pathological", clients = 10, shots = 16 }
@@ -35,7 +37,7 @@ Format (keys not listed here are errors)::
     method = "pfedmoap"
     train = { method_options = { lam = 0.0 } }   # optional
 
-    [paper.pfedmoap-lam0]                     # row key -> dataset -> value
+    [paper.pfedmoap-lam0]                     # row key -> dataset key -> value
     flowers102 = [97.61, 0.11]                # [mean, std] or a bare mean, in %
     # domain tables: [paper.<row>.<dataset>] with one value per domain and "avg"
 
@@ -101,9 +103,15 @@ class PartitionSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset of a table, with its partition and setting overrides."""
+    """One dataset entry of a table, with its partition and setting overrides.
+
+    ``name`` is the registered dataset; ``key`` identifies the entry (its
+    column(s), its cells, ``--only``, the paper values): it equals ``name``
+    unless the recipe lists one dataset more than once, e.g. under two partitions.
+    """
 
     name: str
+    key: str
     label: str
     partition: PartitionSpec
     train: Mapping[str, Any] = field(default_factory=dict)
@@ -122,7 +130,7 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a table: a dataset (``key`` = dataset name) or one of its domains / ``avg``."""
+    """One column of a table: a dataset entry (``key`` = the entry's key) or one of its domains / ``avg``."""
 
     dataset: str
     key: str
@@ -151,8 +159,9 @@ class TableRecipe:
         """Base name of the report files (``table1``, ``demo``)."""
         return self.path.stem
 
-    def dataset(self, name: str) -> DatasetSpec:
-        return next(d for d in self.datasets if d.name == name)
+    def dataset(self, key: str) -> DatasetSpec:
+        """The dataset entry with this key."""
+        return next(d for d in self.datasets if d.key == key)
 
     def row(self, key: str) -> RowSpec:
         return next(r for r in self.rows if r.key == key)
@@ -161,12 +170,12 @@ class TableRecipe:
         """The table's columns in order (of one dataset when ``dataset`` is given)."""
         columns = []
         for spec in self.datasets:
-            if dataset is not None and spec.name != dataset:
+            if dataset is not None and spec.key != dataset:
                 continue
             if self.per_domain:
-                columns += [Column(spec.name, d, d) for d in spec.domains] + [Column(spec.name, AVG, "Avg")]
+                columns += [Column(spec.key, d, d) for d in spec.domains] + [Column(spec.key, AVG, "Avg")]
             else:
-                columns.append(Column(spec.name, spec.name, spec.label))
+                columns.append(Column(spec.key, spec.key, spec.label))
         return columns
 
     def paper_value(self, row: str, column: Column) -> PaperValue | None:
@@ -303,10 +312,13 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
     for i, raw in enumerate(raw_datasets):
         where = f"datasets[{i}]"
         raw = _table(path, where, raw)
-        _check_keys(path, where, raw, {"name", "label", "partition", "train", "domains"}, {"name", "partition"})
+        _check_keys(path, where, raw, {"name", "key", "label", "partition", "train", "domains"}, {"name", "partition"})
         ds_name = _str(path, f"{where}.name", raw["name"])
-        if any(d.name == ds_name for d in datasets):
-            raise _fail(path, f"dataset {ds_name} is listed twice")
+        ds_key = _str(path, f"{where}.key", raw.get("key", ds_name))
+        if not _KEY.match(ds_key):
+            raise _fail(path, f"{where}.key {ds_key!r} must match [a-z0-9][a-z0-9_.-]*")
+        if any(d.key == ds_key for d in datasets):
+            raise _fail(path, f"dataset key {ds_key} is used twice; give each entry of the same dataset its own key")
         part = _partition(path, f"{where}.partition", raw["partition"])
         domains = raw.get("domains", [])
         if not isinstance(domains, list) or not all(isinstance(d, str) and d for d in domains) or len(set(domains)) != len(domains):
@@ -328,7 +340,8 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
         datasets.append(
             DatasetSpec(
                 name=ds_name,
-                label=_str(path, f"{where}.label", raw.get("label", ds_name)),
+                key=ds_key,
+                label=_str(path, f"{where}.label", raw.get("label", ds_key)),
                 partition=part,
                 train=train_ds,
                 domains=tuple(domains),
@@ -363,9 +376,9 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
         if row_key not in row_keys:
             raise _fail(path, f"[paper] names row {row_key!r}, which is not in [[rows]] ({', '.join(row_keys)})")
         for ds_name, value in _table(path, f"[paper.{row_key}]", per_dataset).items():
-            spec = next((d for d in datasets if d.name == ds_name), None)
+            spec = next((d for d in datasets if d.key == ds_name), None)
             if spec is None:
-                raise _fail(path, f"[paper.{row_key}] names dataset {ds_name!r}, which is not in [[datasets]]")
+                raise _fail(path, f"[paper.{row_key}] names dataset {ds_name!r}, which is not a dataset key of [[datasets]]")
             where = f"[paper.{row_key}] {ds_name}"
             if per_domain:
                 known = [*spec.domains, AVG]
@@ -393,7 +406,7 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
     # Resolve every cell once so a bad combination fails here, not mid-sweep.
     for spec in recipe.datasets:
         for row in recipe.rows:
-            recipe.cell_settings(spec.name, row.key, seeds[0])
+            recipe.cell_settings(spec.key, row.key, seeds[0])
     return recipe
 
 
