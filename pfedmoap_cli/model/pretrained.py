@@ -72,7 +72,7 @@ register_pretrained(
         model="micro-clip",
         tag="synthetic",
         filename="micro-clip-synthetic.safetensors",
-        sha256="439f054827572b8c3396921974076623122b39a2d776b0cda2dffbaca8cf842e",
+        sha256="1f94bd26fd314a28642378a6e0683c1261049d14b6db7230f493ca23c1cbe300",
         command="OMP_NUM_THREADS=1 python scripts/pretrain_microclip.py --out pfedmoap_cli/model/weights",
         description="micro-CLIP pretrained contrastively on the synthetic world (fp16 storage, loaded as fp32)",
     )
