@@ -88,3 +88,23 @@ def test_workspace_from_environment(cli, tmp_path, monkeypatch):
                                       "--option", "train_per_class=2", "--option", "test_per_class=1"])
     main()  # returns normally on success
     assert list((tmp_path / "from-env" / "partitions").glob("synthetic-iid-*.json"))
+
+
+def test_run_id_binds_the_weights_not_only_their_name(tmp_path):
+    """New weights under the same name (a regenerated shipped file, an overwritten checkpoint) give a new run id."""
+    import os
+
+    from pfedmoap_cli.engine.settings import default_run_id
+
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"first weights")
+    settings = TrainSettings(backbone="tiny-vit", pretrained=str(checkpoint))
+    first = default_run_id(settings, "synthetic", "p" * 64)
+    assert default_run_id(settings, "synthetic", "p" * 64) == first  # stable
+    checkpoint.write_bytes(b"other weights")
+    os.utime(checkpoint, ns=(1, 1))  # a different file even where the clock is coarse
+    assert default_run_id(settings, "synthetic", "p" * 64) != first
+
+    shipped = TrainSettings(backbone="micro-clip", pretrained="synthetic")
+    random_init = TrainSettings(backbone="micro-clip", pretrained="none")
+    assert default_run_id(shipped, "synthetic", "p" * 64) != default_run_id(random_init, "synthetic", "p" * 64)

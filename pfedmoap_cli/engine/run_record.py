@@ -10,7 +10,7 @@ from typing import Any
 
 from pfedmoap_cli import __version__
 from pfedmoap_cli.artifacts.atomic import atomic_write_text
-from pfedmoap_cli.engine.settings import TrainSettings, settings_from_json
+from pfedmoap_cli.engine.settings import TrainSettings, backbone_spec, settings_from_json
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import ArtifactError
 
@@ -32,7 +32,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_run_record(paths: RunPaths, run_id: str, settings: TrainSettings, dataset: str, partition_file: Path, partition_sha256: str) -> None:
-    """Write run.json: resolved settings, partition identity, versions."""
+    """Write run.json: resolved settings, partition and weights identity, versions."""
     record = {
         "schema": RUN_SCHEMA,
         "run_id": run_id,
@@ -41,6 +41,7 @@ def write_run_record(paths: RunPaths, run_id: str, settings: TrainSettings, data
         "partition_sha256": partition_sha256,
         "seed": settings.seed,
         "settings": settings.to_json(),
+        "weights": backbone_spec(settings).identity(),
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -16,10 +16,10 @@ import torch
 from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.data.sources import open_dataset
 from pfedmoap_cli.data.sources.base import DatasetSource, Sample
-from pfedmoap_cli.engine.settings import TrainSettings
+from pfedmoap_cli.engine.settings import TrainSettings, backbone_spec
 from pfedmoap_cli.errors import ArtifactError, ConfigError
 from pfedmoap_cli.methods.base import FederatedMethod, LocalTraining, MethodEnv, get_method
-from pfedmoap_cli.model.backbone import BackboneSpec, FrozenClip, load_backbone, resolve_device
+from pfedmoap_cli.model.backbone import FrozenClip, load_backbone, resolve_device
 from pfedmoap_cli.model.features import cached_image_features
 from pfedmoap_cli.model.prompt import PromptTextEncoder
 
@@ -84,12 +84,6 @@ def applicable_options(method: str, defaults: dict) -> dict:
     """
     known = option_names(get_method(method))
     return {k: v for k, v in defaults.items() if k in known}
-
-
-def backbone_spec(settings: TrainSettings) -> BackboneSpec:
-    """The backbone named by the settings ("none" means random initialisation)."""
-    pretrained = settings.pretrained if settings.pretrained.lower() not in {"", "none"} else None
-    return BackboneSpec(model=settings.backbone, pretrained=pretrained, init_seed=settings.backbone_seed)
 
 
 def open_session(settings: TrainSettings, partition: Partition, partition_sha256: str, data_root: Path, features_cache: Path, progress: bool = True) -> Session:

@@ -3,7 +3,8 @@
 Precedence, lowest first: the defaults below, the dataset recipe's
 ``[train]`` table (``data_recipes/<dataset>.toml``), a TOML config file, and
 flags given on the command line. The resolved settings are written into the
-run, and (minus the fields that cannot change results) hashed into its id.
+run, and (minus the fields that cannot change results, plus the identity of
+the backbone's weights) hashed into its id.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 
 from pfedmoap_cli.artifacts.atomic import sha256_json
 from pfedmoap_cli.errors import ConfigError
+from pfedmoap_cli.model.backbone import BackboneSpec
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,22 @@ def validate_settings(settings: TrainSettings) -> TrainSettings:
     return settings
 
 
+def backbone_spec(settings: TrainSettings) -> BackboneSpec:
+    """The backbone named by the settings ("none" means random initialisation)."""
+    pretrained = settings.pretrained if settings.pretrained.lower() not in {"", "none"} else None
+    return BackboneSpec(model=settings.backbone, pretrained=pretrained, init_seed=settings.backbone_seed)
+
+
 def run_fingerprint(settings: TrainSettings, partition_sha256: str) -> str:
-    """Hash of everything that determines a run's numbers."""
+    """Hash of everything that determines a run's numbers.
+
+    The weights' identity (the sha256 of shipped weights and of local
+    checkpoint files) is part of it: regenerated weights under the same name
+    give new run ids, so a run or a table cell is never resumed or counted
+    with other weights than it started with.
+    """
     payload = {k: v for k, v in settings.to_json().items() if k not in _NOT_IN_RUN_ID}
-    return sha256_json({"settings": payload, "partition": partition_sha256})
+    return sha256_json({"settings": payload, "partition": partition_sha256, "weights": backbone_spec(settings).identity()})
 
 
 def default_run_id(settings: TrainSettings, dataset: str, partition_sha256: str) -> str:
