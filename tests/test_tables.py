@@ -42,6 +42,17 @@ def test_shipped_tables_are_listed_and_load():
     assert load_table_recipe("table1").name == "1"
 
 
+def test_baselines_table_runs_every_registered_method_under_both_splits():
+    import pfedmoap_cli.methods  # noqa: F401  (registers every method)
+    from pfedmoap_cli.methods.base import method_names
+
+    recipe = load_table_recipe("baselines")
+    assert {row.method for row in recipe.rows} == set(method_names())
+    assert [(d.name, d.partition.scheme) for d in recipe.datasets] == [("synthetic", "pathological"), ("synthetic", "dirichlet")]
+    assert len({d.key for d in recipe.datasets}) == 2
+    assert recipe.seeds == (1, 2, 3)
+
+
 def test_table1_recipe_follows_the_protocol():
     recipe = load_table_recipe("1")
     assert [d.name for d in recipe.datasets] == ["flowers102", "oxford_pets", "food101", "caltech101", "dtd"]
