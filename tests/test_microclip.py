@@ -153,3 +153,11 @@ def test_pretraining_is_deterministic(tmp_path):
     summary = json.loads((tmp_path / "a" / "micro-clip-synthetic.json").read_text())
     assert summary["config"]["steps"] == 3 and len(summary["history"]) == 1
     assert summary["command"].endswith("--eval-per-class 1 --out " + str(tmp_path / "a"))
+
+
+def test_misspelt_tag_names_the_shipped_tag():
+    from pfedmoap_cli.errors import ConfigError
+    from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
+
+    with pytest.raises(ConfigError, match=r"unknown pretrained tag 'synthetc' for micro-clip \(known: synthetic\)"):
+        load_backbone(BackboneSpec("micro-clip", "synthetc"))

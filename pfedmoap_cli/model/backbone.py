@@ -252,7 +252,8 @@ def _create_from_tag(open_clip, spec: BackboneSpec) -> torch.nn.Module:
 
     tag_cfg = get_pretrained_cfg(spec.model, spec.pretrained)
     if not tag_cfg:
-        tags = ", ".join(list_pretrained_tags_by_model(spec.model)) or "none"
+        shipped = [tag for model, tag in project_weights.list_pretrained() if model == spec.model]
+        tags = ", ".join([*shipped, *list_pretrained_tags_by_model(spec.model)]) or "none"
         raise ConfigError(
             f"unknown pretrained tag {spec.pretrained!r} for {spec.model} (known: {tags}); "
             "pass one of those, a local checkpoint path, or no --pretrained for random weights"
