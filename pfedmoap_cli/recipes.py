@@ -2,8 +2,10 @@
 
 A recipe's ``[partition]`` table gives the defaults of ``pfedmoap partition``
 for that dataset and its ``[train]`` table those of ``pfedmoap train`` (the
-settings of the dataset's paper table). The folder is found next to the
-package (source checkout or editable install) or through ``PFEDMOAP_RECIPES``.
+settings of the dataset's paper table). The folder is ``PFEDMOAP_RECIPES``
+when set, else ``data_recipes/`` beside the package (a source checkout or an
+editable install), else the copy a regular install carries inside the
+package (``setup.py`` puts it there at build time).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def recipes_dir() -> Path:
     override = os.environ.get("PFEDMOAP_RECIPES")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "data_recipes"
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "data_recipes"
+    if checkout.is_dir():
+        return checkout
+    return package / "data_recipes"
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

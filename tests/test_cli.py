@@ -238,3 +238,18 @@ def test_worker_processes_are_reproducible(cli, tmp_path):
         assert result.exit_code == 0, result.stderr
         texts.append(next((tmp_path / ws / "runs").glob("*/metrics.csv")).read_text())
     assert texts[0] == texts[1]
+
+
+def test_recipes_are_found_in_a_checkout_and_in_a_regular_install(tmp_path, monkeypatch):
+    """A checkout has data_recipes/ beside the package; a wheel install carries a copy inside it."""
+    from pfedmoap_cli import recipes
+
+    monkeypatch.delenv("PFEDMOAP_RECIPES", raising=False)
+    installed = tmp_path / "site-packages" / "pfedmoap_cli"
+    (installed / "data_recipes").mkdir(parents=True)
+    monkeypatch.setattr(recipes, "__file__", str(installed / "recipes.py"))
+    assert recipes.recipes_dir() == installed / "data_recipes"
+    (tmp_path / "site-packages" / "data_recipes").mkdir()  # a checkout: the top-level folder wins
+    assert recipes.recipes_dir() == tmp_path / "site-packages" / "data_recipes"
+    monkeypatch.setenv("PFEDMOAP_RECIPES", str(tmp_path / "mine"))
+    assert recipes.recipes_dir() == tmp_path / "mine"
