@@ -35,7 +35,7 @@ import pandas as pd
 COMMON = ["--backbone", "micro-clip", "--rounds", "3", "--local-epochs", "2",
           "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005"]
 METHOD_FLAGS = {
-    "pfedmoap": ["--num-experts", "5", "--gating-dim", "16", "--gating-heads", "4", "--lambda", "0.5"],
+    "pfedmoap": ["--num-experts", "5", "--lambda", "0.5"],
 }
 DEFAULT_METHODS = ["zsclip", "coop", "promptfl", "pfedmoap", "fedotp"]
 DEFAULT_CASES = ["0/1", "0/2", "0/3", "0/4", "0/5", "1/1", "1/2", "2/1", "2/2"]
