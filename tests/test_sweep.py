@@ -205,3 +205,27 @@ def test_a_dataset_key_used_twice_is_refused(tmp_path):
     path.write_text(TWO_PARTITIONS_TABLE.replace('key = "synthetic-dir"', 'key = "synthetic-patho"'))
     with pytest.raises(ConfigError, match="dataset key synthetic-patho is used twice"):
         load_table_recipe(str(path))
+
+
+def test_sweeps_sharing_a_workspace_leave_a_run_in_use_to_its_owner(cli, table, tmp_path):
+    import os
+    import socket
+
+    result = cli("sweep", "--table", str(table), "--only", "zsclip")  # creates the partition and one finished run
+    assert result.exit_code == 0, result.stderr
+    listing = cli("sweep", "--table", str(table), "--dry-run").stdout
+    coop_id = next(line.split()[-1] for line in listing.splitlines() if " coop " in line)
+    locks = tmp_path / "ws" / "locks"
+    locks.mkdir(exist_ok=True)
+    # Another sweep (a live process) is training the coop cell.
+    (locks / f"{coop_id}.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    result = cli("sweep", "--table", str(table))
+    assert result.exit_code == 0, result.stderr
+    assert f"skipped synthetic coop seed 1: run {coop_id} is being trained by pid {os.getppid()}" in result.stderr
+    assert "1 run(s) were being trained by another process and were left to it" in result.stdout
+    runs = {p.name for p in (tmp_path / "ws" / "runs").iterdir()}
+    assert coop_id not in runs and len(runs) == 2  # zsclip and promptfl ran, coop was left alone
+
+    (locks / f"{coop_id}.lock").unlink()  # the other sweep is done (here: gone)
+    result = cli("sweep", "--table", str(table))
+    assert result.exit_code == 0 and coop_id in {p.name for p in (tmp_path / "ws" / "runs").iterdir()}

@@ -82,12 +82,23 @@ def sweep(
         if not cli.progress:
             typer.echo(f"  {cell.dataset} {cell.row} seed {cell.seed}: {outcome.run_id} {outcome.completed_rounds}/{outcome.total_rounds} rounds")
 
+    busy: list[CellRun] = []
+
+    def in_use(cell: CellRun, error) -> None:
+        busy.append(cell)
+        typer.echo(f"  skipped {cell.dataset} {cell.row} seed {cell.seed}: {error}", err=True)
+
     try:
-        run_cells(ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished)
+        run_cells(ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use)
     except KeyboardInterrupt:
         typer.echo(f"interrupted; finished runs and completed rounds are saved, continue with 'pfedmoap sweep --table {table}'", err=True)
         raise typer.Exit(130) from None
     if not todo:
         typer.echo("nothing to run: every selected run is finished")
+    if busy:
+        typer.echo(
+            f"{len(busy)} run(s) were being trained by another process and were left to it; "
+            f"'pfedmoap sweep --table {table} --dry-run' shows when every cell is done"
+        )
     typer.echo(f"see the table with 'pfedmoap report --table {recipe.name}'")
 

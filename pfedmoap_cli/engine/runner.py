@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pfedmoap_cli.artifacts.partition import load_partition
+from pfedmoap_cli.artifacts.partition import Partition, load_partition
+from pfedmoap_cli.artifacts.run_lock import RunLock
 from pfedmoap_cli.engine.federation import Federation, RoundSummary
 from pfedmoap_cli.engine.run_record import completed_rounds, write_run_record
 from pfedmoap_cli.engine.session import open_session
@@ -55,9 +56,28 @@ def execute_run(
     ArtifactError
         The run exists and ``if_exists`` is ERROR, it is missing and
         ``if_exists`` is RESUME, or its partition changed since it started.
+    RunInUse
+        Another process is training this run (its lock is held).
     """
     partition, partition_sha = load_partition(partition_path)
     run_id = run_id or default_run_id(settings, partition.dataset, partition_sha)
+    with RunLock(workspace.locks_dir, run_id):
+        return _execute_locked(workspace, data_root, settings, partition_path, partition, partition_sha, run_id, if_exists, progress, stop_after)
+
+
+def _execute_locked(
+    workspace: Workspace,
+    data_root: Path,
+    settings: TrainSettings,
+    partition_path: Path,
+    partition: Partition,
+    partition_sha: str,
+    run_id: str,
+    if_exists: IfExists,
+    progress: bool,
+    stop_after: int | None,
+) -> RunOutcome:
+    """:func:`execute_run` once the run's lock is held."""
     paths = RunPaths(workspace.run_dir(run_id))
     exists = paths.run_json.is_file()
     done = completed_rounds(paths) if exists else 0

@@ -28,6 +28,11 @@ class Workspace:
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def locks_dir(self) -> Path:
+        """Per-run lock files (see :mod:`pfedmoap_cli.artifacts.run_lock`)."""
+        return self.root / "locks"
+
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 

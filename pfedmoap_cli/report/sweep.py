@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pfedmoap_cli.artifacts.partition import save_partition
+from pfedmoap_cli.artifacts.run_lock import RunInUse
 from pfedmoap_cli.data.build_partition import build_partition
 from pfedmoap_cli.data.sources import dataset_names, open_dataset
 from pfedmoap_cli.engine.runner import IfExists, RunOutcome, execute_run
@@ -131,8 +132,14 @@ def run_cells(
     progress: bool = True,
     device: str | None = None,
     on_done: Callable[[CellRun, RunOutcome], None] | None = None,
+    on_busy: Callable[[CellRun, RunInUse], None] | None = None,
 ) -> list[RunOutcome]:
-    """Run every cell that is not done (partial ones resume); a tqdm bar counts all of them."""
+    """Run every cell that is not done (partial ones resume); a tqdm bar counts all of them.
+
+    A cell whose run another process is training (its lock is held) is
+    skipped and reported through ``on_busy``, so several sweeps can share a
+    workspace and split its cells between them.
+    """
     from tqdm.auto import tqdm
 
     todo = [c for c in cells if c.status != DONE]
@@ -143,9 +150,16 @@ def run_cells(
             settings = recipe.cell_settings(cell.dataset, cell.row, cell.seed)
             if device is not None:
                 settings = validate_settings(replace(settings, device=device))
-            outcome = execute_run(
-                ws, data_root, settings, partitions[cell.dataset].path, run_id=None, if_exists=IfExists.AUTO, progress=progress
-            )
+            try:
+                outcome = execute_run(
+                    ws, data_root, settings, partitions[cell.dataset].path, run_id=None, if_exists=IfExists.AUTO, progress=progress
+                )
+            except RunInUse as busy:
+                # Another sweep (maybe on another machine sharing the workspace) is
+                # training this cell: leave it to that one and go on with the rest.
+                if on_busy is not None:
+                    on_busy(cell, busy)
+                continue
             if cell.run_id is not None and outcome.run_id != cell.run_id:  # pragma: no cover - a bug, not a user error
                 raise RuntimeError(f"run id {outcome.run_id} differs from the expected {cell.run_id}")
             outcomes.append(outcome)
