@@ -107,7 +107,7 @@ def plot_rounds(report: TableReport, out: Path) -> Path | None:
             if curves is None:
                 continue
             mean = curves.mean(axis=1)
-            label = f"{row.label} ({curves.shape[1]} seed{'s' if curves.shape[1] > 1 else ''})"
+            label = row.label
             if len(mean) == 1:  # a method that does not train: one evaluation, drawn as a level
                 ax.plot([1, last], [float(mean.iloc[0])] * 2, linestyle="--", linewidth=1.2, label=label, color=colour)
                 continue
@@ -119,11 +119,17 @@ def plot_rounds(report: TableReport, out: Path) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("mean client accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    # One legend for all panels, outside them: inside, ten or more methods
+    # hide the curves. Rows keep table order; each appears once.
+    legend: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     _suptitle(fig, f"{report.recipe.title}: accuracy per round (band: min-max over seeds)")
     fig.tight_layout()
     path = out / f"{report.recipe.stem}_rounds.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
