@@ -49,3 +49,13 @@ def one_line_error(result: CliResult) -> str:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
+
+
+def final_accuracy(workspace: Path, method: str, seed: int = 1) -> float:
+    """Final-round mean client test accuracy (a fraction) of the one run of ``method`` and ``seed`` in ``workspace``."""
+    import pandas as pd
+
+    (metrics,) = (workspace / "runs").glob(f"*-{method}-s{seed}-*/metrics.csv")
+    frame = pd.read_csv(metrics)
+    test = frame[(frame.metric == "accuracy") & (frame.split == "test")]
+    return float(test[test["round"] == test["round"].max()]["value"].mean())

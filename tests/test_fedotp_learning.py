@@ -28,11 +28,9 @@ The test runs world 0, seed 1 and asks for half the smallest measured gain.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
 import torch
 
+from conftest import final_accuracy
 from pfedmoap_cli.data.sources.synthetic import SyntheticSource
 from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
 from pfedmoap_cli.model.local_tokens import encode_image_tokens
@@ -59,19 +57,12 @@ def test_local_tokens_classify_far_above_chance():
     assert float((scores.argmax(dim=1) == labels).float().mean()) >= LOCAL_ZERO_SHOT_MIN
 
 
-def _final_accuracy(workspace: Path, method: str) -> float:
-    (metrics,) = (workspace / "runs").glob(f"synthetic-{method}-s1-*/metrics.csv")
-    frame = pd.read_csv(metrics)
-    test = frame[(frame.metric == "accuracy") & (frame.split == "test")]
-    return float(test[test["round"] == test["round"].max()]["value"].mean())
-
-
 def test_fedotp_beats_zero_shot_on_the_pathological_split(cli, tmp_path):
     result = cli("partition", "--dataset", "synthetic", "--pathological", "--shots", "16", "--clients", "6", "--seed", "1")
     assert result.exit_code == 0, result.stderr
     for method in ("zsclip", "fedotp"):
         result = cli("train", "--method", method, *TRAIN)
         assert result.exit_code == 0, result.stderr
-    zero_shot = _final_accuracy(tmp_path / "ws", "zsclip")
-    fedotp = _final_accuracy(tmp_path / "ws", "fedotp")
+    zero_shot = final_accuracy(tmp_path / "ws", "zsclip")
+    fedotp = final_accuracy(tmp_path / "ws", "fedotp")
     assert fedotp >= zero_shot + FEDOTP_GAIN_MIN, (zero_shot, fedotp)

@@ -39,11 +39,9 @@ Zero-shot on the whole test split: 63.2% (photo 65.7, sketch 79.2, noisy
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
 import torch
 
+from conftest import final_accuracy
 from pfedmoap_cli.data.sources.synthetic import SyntheticSource
 from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
 from pfedmoap_cli.model.prompt import encode_texts
@@ -73,21 +71,13 @@ def test_zero_shot_is_far_above_chance_and_below_the_ceiling():
         assert float(correct[mask].float().mean()) >= DOMAIN_MIN, domain
 
 
-def _final_accuracy(workspace: Path, method: str) -> float:
-    """Final-round mean client test accuracy of the run of ``method``."""
-    (metrics,) = (workspace / "runs").glob(f"synthetic-{method}-s1-*/metrics.csv")
-    frame = pd.read_csv(metrics)
-    test = frame[(frame.metric == "accuracy") & (frame.split == "test")]
-    return float(test[test["round"] == test["round"].max()]["value"].mean())
-
-
 def test_coop_beats_zero_shot_on_the_pathological_split(cli, tmp_path):
     result = cli("partition", "--dataset", "synthetic", "--pathological", "--shots", "16", "--clients", "6", "--seed", "1")
     assert result.exit_code == 0, result.stderr
     for method in ("zsclip", "coop"):
         result = cli("train", "--method", method, *TRAIN)
         assert result.exit_code == 0, result.stderr
-    zero_shot, coop = _final_accuracy(tmp_path / "ws", "zsclip"), _final_accuracy(tmp_path / "ws", "coop")
+    zero_shot, coop = final_accuracy(tmp_path / "ws", "zsclip"), final_accuracy(tmp_path / "ws", "coop")
     assert zero_shot >= ZERO_SHOT_MIN
     assert coop >= zero_shot + COOP_GAIN_MIN, (zero_shot, coop)
 
@@ -98,6 +88,6 @@ def test_promptfl_beats_zero_shot_on_a_dirichlet_split(cli, tmp_path):
     for method in ("zsclip", "promptfl"):
         result = cli("train", "--method", method, *TRAIN)
         assert result.exit_code == 0, result.stderr
-    zero_shot, promptfl = _final_accuracy(tmp_path / "ws", "zsclip"), _final_accuracy(tmp_path / "ws", "promptfl")
+    zero_shot, promptfl = final_accuracy(tmp_path / "ws", "zsclip"), final_accuracy(tmp_path / "ws", "promptfl")
     assert zero_shot >= ZERO_SHOT_MIN
     assert promptfl >= zero_shot + PROMPTFL_GAIN_MIN, (zero_shot, promptfl)

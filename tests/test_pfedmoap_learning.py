@@ -20,22 +20,13 @@ the smallest measured gain.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
+from conftest import final_accuracy
 
 MIN_GAIN = 0.10
 
 COMMON = ("--backbone", "micro-clip", "--pretrained", "synthetic", "--rounds", "3", "--local-epochs", "2",
           "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005", "--seed", "1")
 PFEDMOAP = ("--num-experts", "5", "--lambda", "0.5")
-
-
-def final_accuracy(workspace: Path, method: str) -> float:
-    (metrics,) = (workspace / "runs").glob(f"synthetic-{method}-s1-*/metrics.csv")
-    frame = pd.read_csv(metrics)
-    test = frame[(frame.metric == "accuracy") & (frame.split == "test")]
-    return float(test[test["round"] == test["round"].max()]["value"].mean())
 
 
 def test_pfedmoap_beats_promptfl_on_the_pathological_split(cli, tmp_path):
