@@ -59,3 +59,58 @@ def final_accuracy(workspace: Path, method: str, seed: int = 1) -> float:
     frame = pd.read_csv(metrics)
     test = frame[(frame.metric == "accuracy") & (frame.split == "test")]
     return float(test[test["round"] == test["round"].max()]["value"].mean())
+
+
+# ---- the learning tests on the shipped micro-CLIP -------------------------------------------
+
+#: The learning tests' training settings (those of scripts/learning_figures.py), seed 1.
+MICRO_CLIP_TRAIN = ("--backbone", "micro-clip", "--pretrained", "synthetic", "--rounds", "3", "--local-epochs", "2",
+                    "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005", "--seed", "1")
+PATHOLOGICAL = ("--pathological", "--shots", "16", "--clients", "6")
+DIRICHLET = ("--dirichlet", "0.5", "--clients", "6")
+
+
+def train_and_score(cli, workspace: Path, split: tuple[str, ...], methods: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Partition the synthetic world (``split``, seed 1), train each method through the CLI, return final accuracies.
+
+    ``methods`` maps a method to its extra flags, on top of :data:`MICRO_CLIP_TRAIN`.
+    """
+    result = cli("partition", "--dataset", "synthetic", *split, "--seed", "1")
+    assert result.exit_code == 0, result.stderr
+    for method, flags in methods.items():
+        result = cli("train", "--method", method, *MICRO_CLIP_TRAIN, *flags)
+        assert result.exit_code == 0, result.stderr
+    return {method: final_accuracy(workspace, method) for method in methods}
+
+
+@dataclass(frozen=True)
+class ZeroShotSplit:
+    """The synthetic test split as the shipped micro-CLIP sees it, with the hand-written prompt's class features."""
+
+    clip: object
+    domains: list[str]
+    sample_domains: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+    text: torch.Tensor
+
+
+@pytest.fixture(scope="session")
+def micro_clip_test_split() -> ZeroShotSplit:
+    """Rendered and transformed once per session: several learning tests score the same 1,296 images."""
+    from pfedmoap_cli.data.sources.synthetic import SyntheticSource
+    from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
+    from pfedmoap_cli.model.prompt import encode_texts
+
+    clip = load_backbone(BackboneSpec("micro-clip", "synthetic"))
+    source = SyntheticSource()
+    samples = source.samples("test")
+    transform = clip.test_transform()
+    return ZeroShotSplit(
+        clip=clip,
+        domains=list(source.domains),
+        sample_domains=[s.domain for s in samples],
+        images=torch.stack([transform(source.load_image(s)) for s in samples]),
+        labels=torch.tensor([s.label for s in samples]),
+        text=encode_texts(clip, [f"a photo of a {name}." for name in source.class_names]),
+    )

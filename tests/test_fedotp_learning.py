@@ -28,41 +28,21 @@ The test runs world 0, seed 1 and asks for half the smallest measured gain.
 
 from __future__ import annotations
 
-import torch
-
-from conftest import final_accuracy
-from pfedmoap_cli.data.sources.synthetic import SyntheticSource
-from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
+from conftest import PATHOLOGICAL, train_and_score
 from pfedmoap_cli.model.local_tokens import encode_image_tokens
-from pfedmoap_cli.model.prompt import encode_texts
 
 LOCAL_ZERO_SHOT_MIN = 0.45  # measured 0.613; chance 0.028
 FEDOTP_GAIN_MIN = 0.04  # measured +0.086 .. +0.125 (9 runs), this case +0.100
 
-TRAIN = ("--backbone", "micro-clip", "--pretrained", "synthetic", "--rounds", "3", "--local-epochs", "2",
-         "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005", "--seed", "1")
 
-
-def test_local_tokens_classify_far_above_chance():
-    clip = load_backbone(BackboneSpec("micro-clip", "synthetic"))
-    source = SyntheticSource()
-    samples = source.samples("test")
-    transform = clip.test_transform()
-    images = torch.stack([transform(source.load_image(s)) for s in samples])
-    labels = torch.tensor([s.label for s in samples])
-    text = encode_texts(clip, [f"a photo of a {name}." for name in source.class_names])
-    local = encode_image_tokens(clip, images)[:, 1:]  # (B, 16, D): the 4 x 4 patches
+def test_local_tokens_classify_far_above_chance(micro_clip_test_split):
+    split = micro_clip_test_split
+    local = encode_image_tokens(split.clip, split.images)[:, 1:]  # (B, 16, D): the 4 x 4 patches
     assert local.shape[1] == 16
-    scores = (local @ text.t()).mean(dim=1)
-    assert float((scores.argmax(dim=1) == labels).float().mean()) >= LOCAL_ZERO_SHOT_MIN
+    scores = (local @ split.text.t()).mean(dim=1)
+    assert float((scores.argmax(dim=1) == split.labels).float().mean()) >= LOCAL_ZERO_SHOT_MIN
 
 
 def test_fedotp_beats_zero_shot_on_the_pathological_split(cli, tmp_path):
-    result = cli("partition", "--dataset", "synthetic", "--pathological", "--shots", "16", "--clients", "6", "--seed", "1")
-    assert result.exit_code == 0, result.stderr
-    for method in ("zsclip", "fedotp"):
-        result = cli("train", "--method", method, *TRAIN)
-        assert result.exit_code == 0, result.stderr
-    zero_shot = final_accuracy(tmp_path / "ws", "zsclip")
-    fedotp = final_accuracy(tmp_path / "ws", "fedotp")
-    assert fedotp >= zero_shot + FEDOTP_GAIN_MIN, (zero_shot, fedotp)
+    accuracy = train_and_score(cli, tmp_path / "ws", PATHOLOGICAL, {"zsclip": (), "fedotp": ()})
+    assert accuracy["fedotp"] >= accuracy["zsclip"] + FEDOTP_GAIN_MIN, accuracy

@@ -9,7 +9,7 @@ and PromptFL does on a Dirichlet split (alpha 0.5 over 6 clients). Each client
 is scored on its own test set, argmax over all 36 classes.
 
 Measured on the shipped weights (sha256 1f94bd26...), CPU, one thread,
-torch 2.13, with the settings of ``TRAIN`` below (3 rounds x 2 local epochs,
+torch 2.13, with the settings of ``MICRO_CLIP_TRAIN`` in conftest.py (3 rounds x 2 local epochs,
 4 context tokens, batch 16, lr 0.005). Final-round mean client accuracy in %,
 9 runs: partition and training seeds 1-5 on the default world, seeds 1-2 on
 worlds 1 and 2 (``OMP_NUM_THREADS=1 python scripts/learning_figures.py``,
@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import final_accuracy
-from pfedmoap_cli.data.sources.synthetic import SyntheticSource
-from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
-from pfedmoap_cli.model.prompt import encode_texts
+from conftest import DIRICHLET, PATHOLOGICAL, train_and_score
 
 ZERO_SHOT_MIN = 0.55  # measured 0.632
 ZERO_SHOT_MAX = 0.75  # headroom: a learned prompt must have something to improve
@@ -52,42 +49,23 @@ DOMAIN_MIN = 0.35  # measured: noisy 0.447, photo 0.657, sketch 0.792
 COOP_GAIN_MIN = 0.06  # pathological; measured +0.127 .. +0.195 (9 runs), this case +0.148
 PROMPTFL_GAIN_MIN = 0.015  # Dirichlet; measured +0.034 .. +0.055 (9 runs), this case +0.035
 
-TRAIN = ("--backbone", "micro-clip", "--pretrained", "synthetic", "--rounds", "3", "--local-epochs", "2",
-         "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005", "--seed", "1")
 
-
-def test_zero_shot_is_far_above_chance_and_below_the_ceiling():
-    clip = load_backbone(BackboneSpec("micro-clip", "synthetic"))
-    source = SyntheticSource()
-    samples = source.samples("test")
-    transform = clip.test_transform()
-    images = torch.stack([transform(source.load_image(s)) for s in samples])
-    labels = torch.tensor([s.label for s in samples])
-    text = encode_texts(clip, [f"a photo of a {name}." for name in source.class_names])
-    correct = (clip.encode_images(images) @ text.t()).argmax(dim=1) == labels
+def test_zero_shot_is_far_above_chance_and_below_the_ceiling(micro_clip_test_split):
+    split = micro_clip_test_split
+    correct = (split.clip.encode_images(split.images) @ split.text.t()).argmax(dim=1) == split.labels
     assert ZERO_SHOT_MIN <= float(correct.float().mean()) <= ZERO_SHOT_MAX
-    for domain in source.domains:
-        mask = torch.tensor([s.domain == domain for s in samples])
+    for domain in split.domains:
+        mask = torch.tensor([d == domain for d in split.sample_domains])
         assert float(correct[mask].float().mean()) >= DOMAIN_MIN, domain
 
 
 def test_coop_beats_zero_shot_on_the_pathological_split(cli, tmp_path):
-    result = cli("partition", "--dataset", "synthetic", "--pathological", "--shots", "16", "--clients", "6", "--seed", "1")
-    assert result.exit_code == 0, result.stderr
-    for method in ("zsclip", "coop"):
-        result = cli("train", "--method", method, *TRAIN)
-        assert result.exit_code == 0, result.stderr
-    zero_shot, coop = final_accuracy(tmp_path / "ws", "zsclip"), final_accuracy(tmp_path / "ws", "coop")
-    assert zero_shot >= ZERO_SHOT_MIN
-    assert coop >= zero_shot + COOP_GAIN_MIN, (zero_shot, coop)
+    accuracy = train_and_score(cli, tmp_path / "ws", PATHOLOGICAL, {"zsclip": (), "coop": ()})
+    assert accuracy["zsclip"] >= ZERO_SHOT_MIN
+    assert accuracy["coop"] >= accuracy["zsclip"] + COOP_GAIN_MIN, accuracy
 
 
 def test_promptfl_beats_zero_shot_on_a_dirichlet_split(cli, tmp_path):
-    result = cli("partition", "--dataset", "synthetic", "--dirichlet", "0.5", "--clients", "6", "--seed", "1")
-    assert result.exit_code == 0, result.stderr
-    for method in ("zsclip", "promptfl"):
-        result = cli("train", "--method", method, *TRAIN)
-        assert result.exit_code == 0, result.stderr
-    zero_shot, promptfl = final_accuracy(tmp_path / "ws", "zsclip"), final_accuracy(tmp_path / "ws", "promptfl")
-    assert zero_shot >= ZERO_SHOT_MIN
-    assert promptfl >= zero_shot + PROMPTFL_GAIN_MIN, (zero_shot, promptfl)
+    accuracy = train_and_score(cli, tmp_path / "ws", DIRICHLET, {"zsclip": (), "promptfl": ()})
+    assert accuracy["zsclip"] >= ZERO_SHOT_MIN
+    assert accuracy["promptfl"] >= accuracy["zsclip"] + PROMPTFL_GAIN_MIN, accuracy

@@ -20,21 +20,12 @@ the smallest measured gain.
 
 from __future__ import annotations
 
-from conftest import final_accuracy
+from conftest import PATHOLOGICAL, train_and_score
 
 MIN_GAIN = 0.10
-
-COMMON = ("--backbone", "micro-clip", "--pretrained", "synthetic", "--rounds", "3", "--local-epochs", "2",
-          "--n-ctx", "4", "--batch-size", "16", "--lr", "0.005", "--seed", "1")
 PFEDMOAP = ("--num-experts", "5", "--lambda", "0.5")
 
 
 def test_pfedmoap_beats_promptfl_on_the_pathological_split(cli, tmp_path):
-    result = cli("partition", "--dataset", "synthetic", "--pathological", "--shots", "16", "--clients", "6", "--seed", "1")
-    assert result.exit_code == 0, result.stderr
-    assert cli("train", "--method", "promptfl", *COMMON).exit_code == 0
-    result = cli("train", "--method", "pfedmoap", *COMMON, *PFEDMOAP)
-    assert result.exit_code == 0, result.stderr
-    promptfl = final_accuracy(tmp_path / "ws", "promptfl")
-    pfedmoap = final_accuracy(tmp_path / "ws", "pfedmoap")
-    assert pfedmoap >= promptfl + MIN_GAIN, (promptfl, pfedmoap)
+    accuracy = train_and_score(cli, tmp_path / "ws", PATHOLOGICAL, {"promptfl": (), "pfedmoap": PFEDMOAP})
+    assert accuracy["pfedmoap"] >= accuracy["promptfl"] + MIN_GAIN, accuracy
