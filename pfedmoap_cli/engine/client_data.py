@@ -51,3 +51,30 @@ def epoch_batches(
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     return batches
+
+
+def ordered_batches(
+    dataset: ClientTrainImages, batch_size: int, device: torch.device, num_workers: int = 0
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """A function yielding the whole ``dataset`` once, in index order, per call.
+
+    No shuffling and no random stream: meant for a deterministic transform
+    (the test transform), so the same images give the same batches every
+    time and nothing else's random draws move.
+    """
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A DataLoader without a generator draws its base seed from the GLOBAL
+        # torch RNG (which seeds augmentation); a private one leaves it untouched.
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            generator=torch.Generator(),
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    return batches

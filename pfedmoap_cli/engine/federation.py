@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from pfedmoap_cli.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics, truncate_metrics
-from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches
+from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches, ordered_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
 from pfedmoap_cli.seeding import derive_seed, sample_clients, torch_generator
 from pfedmoap_cli.engine.session import Session
 from pfedmoap_cli.engine.workspace import RunPaths
+from pfedmoap_cli.errors import DataError
 from pfedmoap_cli.methods.base import ClientJob, ClientResult, RoundView, State
 
 
@@ -62,6 +63,7 @@ class Federation:
         self.partition = session.partition
         self.num_clients = session.partition.num_clients
         self.train_transform = session.clip.train_transform()
+        self.test_transform = session.clip.test_transform()
 
     # ---- state -----------------------------------------------------------
     def initial_state(self) -> State:
@@ -99,15 +101,22 @@ class Federation:
         return _to_device(server, device), clients
 
     # ---- one client ------------------------------------------------------
-    def train_client(self, client_id: int, round_index: int, server_state: State, client_state: State | None) -> ClientResult:
-        """One client's local update with its own seeds."""
+    def client_job(self, client_id: int, round_index: int, server_state: State, client_state: State | None, stream: str = "") -> ClientJob:
+        """A client's job with its own seeds: shuffle, augmentation and method draws.
+
+        ``stream`` separates the random streams of different local trainings of
+        one client in one round ("" for the round's local update, "personalize"
+        for a method's post-aggregation fine-tuning), so neither shifts the other.
+        """
         seed = self.settings.seed
+        tags = (stream,) if stream else ()
         # Augmentation draws from the global torch RNG; seeding it per client
         # makes the update independent of which clients ran before.
-        torch.manual_seed(derive_seed(seed, "augment", round_index, client_id))
+        torch.manual_seed(derive_seed(seed, "augment", *tags, round_index, client_id))
         client = self.partition.clients[client_id]
         dataset = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.train_transform)
-        job = ClientJob(
+        plain = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.test_transform)
+        return ClientJob(
             client_id=client_id,
             round_index=round_index,
             server_state=server_state,
@@ -115,14 +124,28 @@ class Federation:
             batches=epoch_batches(
                 dataset,
                 self.settings.batch_size,
-                torch_generator(seed, "shuffle", round_index, client_id),
+                torch_generator(seed, "shuffle", *tags, round_index, client_id),
                 self.session.device,
                 self.settings.num_workers,
             ),
             num_examples=len(dataset),
-            generator=torch_generator(seed, "method", round_index, client_id),
+            generator=torch_generator(seed, "method", *tags, round_index, client_id),
+            plain_batches=ordered_batches(plain, self.settings.eval_batch_size, self.session.device, self.settings.num_workers),
         )
-        return self.method.train_client(job)
+
+    def train_client(self, client_id: int, round_index: int, server_state: State, client_state: State | None) -> ClientResult:
+        """One client's local update with its own seeds."""
+        return self.method.train_client(self.client_job(client_id, round_index, server_state, client_state))
+
+    def personalize(self, round_index: int, server_state: State, client_states: dict[int, State]) -> dict[int, State]:
+        """Every client's post-aggregation personal state (methods with :attr:`personalizes`)."""
+        updated = dict(client_states)
+        for client_id in tqdm(range(self.num_clients), desc=f"round {round_index} fine-tuning", leave=False, disable=not self.progress):
+            job = self.client_job(client_id, round_index, server_state, client_states.get(client_id), stream="personalize")
+            state = self.method.personalize_client(job)
+            if state:
+                updated[client_id] = state
+        return updated
 
     # ---- evaluation ------------------------------------------------------
     def evaluate(self, view: RoundView) -> list[ClientScore]:
@@ -131,7 +154,12 @@ class Federation:
         scores = []
         for client in self.partition.clients:
             if not client.test:
-                continue
+                # Partitions refuse empty test sets when they are built and loaded;
+                # skipping one here would average over fewer clients unnoticed.
+                raise DataError(
+                    f"client {client.client_id} of the partition has no test samples; "
+                    "re-create the partition with 'pfedmoap partition' (a larger --min-size or fewer clients)"
+                )
             index = torch.tensor(client.test, dtype=torch.long, device=self.session.device)
             scores.append(
                 score_client(
@@ -213,6 +241,8 @@ class Federation:
             if result.client_state:  # empty states are not kept, exactly as after a resume
                 new_client_states[client_id] = result.client_state
         new_server_state = self.method.aggregate(start_state, results, round_index) if results else start_state
+        if self.method.personalizes:
+            new_client_states = self.personalize(round_index, new_server_state, new_client_states)
         view = RoundView(round_index, frozenset(participants), start_state, new_server_state, new_client_states)
         scores = self.evaluate(view)
         append_metrics(self.paths.metrics_csv, self.metric_rows(round_index, scores, results))

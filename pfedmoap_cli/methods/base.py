@@ -9,6 +9,9 @@ of hooks:
   It reads only the round-start server snapshot and the client's own state,
   so clients of a round may run in any order (or in parallel);
 * :meth:`FederatedMethod.aggregate` -- the server update from this round's results;
+* :meth:`FederatedMethod.personalize_client` -- optional: after aggregation, a
+  client's personal state built on its own data from the NEW server state
+  (PromptFL+FT's fine-tuning), for every client, participant or not;
 * :meth:`FederatedMethod.evaluator` -- how every client is scored after the round.
 
 State is plain ``dict[str, torch.Tensor]`` so the engine can checkpoint it
@@ -62,7 +65,20 @@ class MethodEnv:
 
 @dataclass
 class ClientJob:
-    """Everything one client needs for its local update in one round."""
+    """Everything one client needs for its local update in one round.
+
+    Attributes
+    ----------
+    batches:
+        One shuffled, augmented epoch of the client's training images per call
+        (the training transform), seeded per (seed, round, client).
+    plain_batches:
+        The client's training images under the deterministic TEST transform,
+        in a fixed order, without shuffling or augmentation: for methods that
+        keep frozen features of their own data (pFedPrompt's memory). Calling
+        it draws nothing from any random stream, so the training data order
+        does not depend on whether a method uses it.
+    """
 
     client_id: int
     round_index: int
@@ -71,6 +87,7 @@ class ClientJob:
     batches: Batches
     num_examples: int
     generator: torch.Generator
+    plain_batches: Batches | None = None
 
 
 @dataclass
@@ -122,6 +139,9 @@ class FederatedMethod(ABC):
     Options: ClassVar[type] = type(None)
     #: False for methods that never train (the engine then skips local updates).
     trains: ClassVar[bool] = True
+    #: True for methods that implement :meth:`personalize_client`; the engine then
+    #: calls it for every client after each round's aggregation.
+    personalizes: ClassVar[bool] = False
     #: True for methods whose evaluators score test images from their local tokens
     #: ``(B, 1 + M, D)`` (:func:`pfedmoap_cli.model.local_tokens.encode_image_tokens`)
     #: instead of pooled features ``(B, D)``; the engine computes and caches those.
@@ -149,6 +169,18 @@ class FederatedMethod(ABC):
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
         """New server state from the round-start state and this round's results."""
         return dict(start_state)
+
+    def personalize_client(self, job: ClientJob) -> State:
+        """A client's new personal state, trained on its own data after aggregation.
+
+        Called (only when :attr:`personalizes` is True) for EVERY client of the
+        federation after the round's aggregation, with ``job.server_state`` the
+        NEW server state and ``job.client_state`` the client's state after the
+        round's local updates. The returned state replaces the client's state
+        (it is checkpointed and passed to :meth:`evaluator`). Must not mutate
+        ``job.server_state``; runs with its own seeds (order-independent).
+        """
+        raise NotImplementedError(f"method {self.name} does not personalise after aggregation")
 
     @abstractmethod
     def evaluator(self, view: RoundView) -> ClientEvaluator:

@@ -2,30 +2,29 @@
 
 Guo et al., "PromptFL: Let Federated Participants Cooperatively Learn Prompts
 Instead of Models" (IEEE TMC 2023), with local fine-tuning before evaluation,
-the "+FT" baseline of Table 1 (PROTOCOL.md section 6).
+the "+FT" baseline of Table 1 (PROTOCOL.md section 6: "PromptFL, then each
+client fine-tunes the global prompt on its own data before evaluation (the
+federation keeps training the global one)").
 
 The federation is exactly PromptFL: each participant trains the round's global
 prompt on its own data and uploads it, the server averages the uploads by
-training-set size, and the next round starts from that average. What changes
-is evaluation: every client that has trained is scored with its own
-*fine-tuned* prompt -- the global prompt it received, trained on its own data
--- and never with the average. The fine-tuned prompt is kept by the client
-(``client_state["ft_ctx"]``) and is never uploaded; it never feeds back into
-the federation. A client that has not trained yet is scored with the global
-prompt; one that sat a round out keeps its last fine-tuned prompt.
+training-set size, and the next round starts from that average. After the
+aggregation, EVERY client -- participant or not, trained before or not --
+fine-tunes a copy of the NEW global prompt on its own data with a fresh
+optimiser (the shared SGD settings, a cosine schedule over the fine-tuning
+epochs) and is scored with it. The fine-tuned prompt stays on the client
+(``client_state["ft_ctx"]``, checkpointed), is never uploaded and never feeds
+back into the federation; the next round's fine-tuning starts again from that
+round's global prompt, so no client is ever scored with a stale prompt.
 
-Only the hook contract's data access shapes one choice: a client sees data
-only during its local update, so the global prompt it fine-tunes is the one it
-received this round (the round-start global), not the new average. With the
-default ``ft_epochs = 0`` the fine-tuned prompt is the client's local update
-itself (E local epochs from the global prompt, PROTOCOL.md section 2).
+Cost: each round adds N fine-tunings (every client, not only the sampled
+ones), which for Table 2 (N = 100, 10% participation) is about ten times the
+federation's own training.
 
 Options
 -------
 ft_epochs:
-    Extra local epochs (their own cosine schedule) that continue training a
-    copy of the uploaded prompt before it is stored as the client's fine-tuned
-    prompt; 0 (default) uses the local update itself.
+    Fine-tuning epochs; default: the run's local epochs (``--local-epochs``).
 
 State: server ``{"ctx"}`` (the global prompt); client ``{"ft_ctx"}``.
 """
@@ -35,40 +34,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pfedmoap_cli.errors import ConfigError
-from pfedmoap_cli.methods.base import ClientEvaluator, ClientJob, ClientResult, RoundView, register_method
+from pfedmoap_cli.methods.base import ClientEvaluator, ClientJob, RoundView, State, register_method
 from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt
 from pfedmoap_cli.methods.promptfl import PromptFL
 
 
 @dataclass(frozen=True)
 class PromptFLFineTuneOptions:
-    ft_epochs: int = 0
+    ft_epochs: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.ft_epochs, bool) or not isinstance(self.ft_epochs, int) or self.ft_epochs < 0:
-            raise ConfigError(f"promptfl-ft option ft_epochs must be a non-negative integer, got {self.ft_epochs!r}")
+        value = self.ft_epochs
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(
+                f"promptfl-ft option ft_epochs must be a positive integer, got {value!r}; pass --method-option ft_epochs=5 "
+                "(or leave it out to use --local-epochs)"
+            )
 
 
 @register_method
 class PromptFLFineTune(PromptFL):
     name = "promptfl-ft"
     Options = PromptFLFineTuneOptions
+    personalizes = True
 
     def __init__(self, env, options=None) -> None:
         super().__init__(env, options or PromptFLFineTuneOptions())
 
-    # ---- client ---------------------------------------------------------
-    def train_client(self, job: ClientJob) -> ClientResult:
-        global_ctx = job.server_state["ctx"]
-        ctx, loss = train_prompt(self, job, global_ctx)  # the federation's local update
-        ft_ctx = ctx
-        if self.options.ft_epochs > 0:
-            ft_ctx, _ = train_prompt(self, job, ctx, epochs=self.options.ft_epochs)
-        return ClientResult.exchanged(
-            downloaded={"ctx": global_ctx}, upload={"ctx": ctx}, client_state={"ft_ctx": ft_ctx}, num_examples=job.num_examples, train_loss=loss
-        )
-
+    # ---- client: PromptFL's local update (inherited) ----------------------
     # ---- server: PromptFL's FedAvg of "ctx" (inherited) -------------------
+
+    # ---- after aggregation: every client fine-tunes the new global prompt ---
+    def personalize_client(self, job: ClientJob) -> State:
+        """A copy of the new global prompt (``job.server_state``) fine-tuned on the client's data."""
+        ft_ctx, _ = train_prompt(self, job, job.server_state["ctx"], epochs=self.options.ft_epochs)
+        return {"ft_ctx": ft_ctx}
 
     # ---- evaluation -----------------------------------------------------
     def evaluator(self, view: RoundView) -> ClientEvaluator:
