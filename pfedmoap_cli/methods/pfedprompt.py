@@ -14,9 +14,11 @@ Client i's logits for a normalised image feature I (D):
     p = a Y                                        (Y: n x C one-hot memory labels; p: class scores, summing to 1)
     logits = s * I T(ctx)^T + alpha * s * p
 
-The memory ``(m_j, y_j)`` is built at the client's first participation from
-one pass over its training batches (the training transform, so one augmented
-view per image; features are frozen CLIP features) and then kept. W_q = W_k
+The memory ``(m_j, y_j)`` is built once, at the client's first
+participation, from the frozen CLIP features of all its training images under
+the deterministic test transform (one un-augmented view per image, in a fixed
+order), and then kept. Building it draws from no random stream, so the
+client's training data order and augmentation are the same as without it. W_q = W_k
 start as the same random Gaussian matrix with variance 1/d, so that
 ``q . k ~ cos(I, m_j)`` at first (a Johnson-Lindenstrauss projection): the
 attention starts as a softmax over feature similarities and learns from there.
@@ -134,9 +136,11 @@ class PFedPrompt(PromptFL):
 
     @torch.no_grad()
     def build_memory(self, job: ClientJob) -> State:
-        """One pass over the client's training batches: frozen features and labels."""
+        """Frozen features and labels of the client's training images, test transform, fixed order."""
+        if job.plain_batches is None:
+            raise ValueError("pfedprompt needs the client's un-augmented training images (ClientJob.plain_batches)")
         features, labels = [], []
-        for images, batch_labels in job.batches():
+        for images, batch_labels in job.plain_batches():
             features.append(self.env.clip.encode_images(images))
             labels.append(batch_labels.to(self.env.device))
         return {"memory_features": torch.cat(features).float(), "memory_labels": torch.cat(labels).long()}
