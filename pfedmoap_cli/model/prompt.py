@@ -18,6 +18,9 @@ from pfedmoap_cli.model.backbone import FrozenClip
 
 PLACEHOLDER = "X"
 INIT_STD = 0.02
+#: Text sequences (prompts x classes) per encoder call in :meth:`PromptTextEncoder.encode_many`:
+#: 100 clients' prompts over CIFAR-100's classes are 10,000 sequences, too many for one call.
+MAX_SEQUENCES_PER_CALL = 4096
 
 
 def _class_text(name: str) -> str:
@@ -184,6 +187,24 @@ class PromptTextEncoder(torch.nn.Module):
             features = _project(self.clip, pooled)
         features = F.normalize(features.float(), dim=-1).reshape(num_prompts, num_classes, -1)
         return features[0] if single else features
+
+    @torch.no_grad()
+    def encode_many(self, ctx: torch.Tensor, max_sequences: int | None = None) -> torch.Tensor:
+        """Features (P, C, D) of P contexts (P, n_ctx, W), without gradient, in bounded calls.
+
+        Each encoder call holds at most ``max_sequences`` text sequences
+        (prompts x classes; default :data:`MAX_SEQUENCES_PER_CALL`), and at
+        least one prompt, so memory stays bounded however many prompts
+        (experts, clients) a round needs.
+        """
+        if max_sequences is None:
+            max_sequences = MAX_SEQUENCES_PER_CALL
+        if ctx.dim() != 3:
+            raise ValueError(f"encode_many takes (P, {self.n_ctx}, {self.width}) contexts; got {tuple(ctx.shape)}")
+        per_call = max(1, int(max_sequences) // self.num_classes)
+        if ctx.shape[0] == 0:
+            return torch.empty(0, self.num_classes, self.clip.embed_dim, device=self.device)
+        return torch.cat([self(ctx[start : start + per_call]) for start in range(0, ctx.shape[0], per_call)])
 
 
 @torch.no_grad()
