@@ -60,8 +60,15 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Experiment seed (0 is honoured).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Prompt learning rate.")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Number of learnable context tokens.")] = None,
-    ctx_init: Annotated[Optional[str], typer.Option("--ctx-init", help="Initialise the context from a phrase, e.g. 'a photo of a'.")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Number of learnable context tokens (ignored with --ctx-init, whose phrase sets it).")] = None,
+    ctx_init: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ctx-init",
+            help="Initialise the context from a phrase, e.g. 'a photo of a'. The context length is then the phrase's "
+            "number of BPE tokens, not its word count: 4 for 'a photo of a', but 7 for 'a close-up photo of a' (5 words).",
+        ),
+    ] = None,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="open_clip model name (RN50, ViT-B-16, tiny-vit, ...).")] = None,
     pretrained: Annotated[
         Optional[str], typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or 'none'.")
@@ -70,7 +77,7 @@ def train(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast for the frozen encoders on GPU.")] = None,
     truncate_prompts: Annotated[
-        Optional[bool], typer.Option("--truncate/--no-truncate", help="Run the text encoder only up to the last EOT token (exact).")
+        Optional[bool], typer.Option("--truncate/--no-truncate", help="Run the text encoder only up to the last EOT token (exact in fp32; part of the run id, since under bf16 the last bits differ).")
     ] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size for evaluation and features.")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--workers", help="Image-loading worker processes (0: in the main process).")] = None,

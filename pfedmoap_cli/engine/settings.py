@@ -49,7 +49,11 @@ class TrainSettings:
 
 
 # Fields that change how fast a run goes but not its numbers on a given device.
-_NOT_IN_RUN_ID = {"device", "eval_batch_size", "truncate_prompts"}
+# ``truncate_prompts`` is NOT among them: EOT truncation is exact in exact
+# arithmetic, but a shorter sequence changes the reduction order of attention
+# and layer norms, so under fp16/bf16 autocast on a GPU its features differ in
+# the last bits and the run's numbers with them.
+_NOT_IN_RUN_ID = {"device", "eval_batch_size"}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
 
 
