@@ -292,6 +292,7 @@ def test_evaluation_rules(tiny):
     end_pool[4] = start_pool[2] + step(0.2)
     end_mask = torch.tensor([False, True, True, True, True])
     global_ctx = 0.02 * torch.randn(2, 64, generator=g)
+    start_global = 0.02 * torch.randn(2, 64, generator=g)  # the round-start global differs from the round-end one
     gates = {c: {f"gating.{k}": v + 0.01 * c for k, v in method.new_gating(c).state_dict().items()} for c in range(5)}
     states = {
         1: {"ctx": end_pool[1], "expert_ids": torch.tensor([3, 2]), **gates[1]},
@@ -300,7 +301,7 @@ def test_evaluation_rules(tiny):
         4: {"ctx": end_pool[4], "expert_ids": torch.tensor([], dtype=torch.int64), **gates[4]},
     }
     view = RoundView(
-        5, frozenset({1, 3, 4}), {"ctx": global_ctx, "pool": start_pool, "pool_mask": start_mask},
+        5, frozenset({1, 3, 4}), {"ctx": start_global, "pool": start_pool, "pool_mask": start_mask},
         {"ctx": global_ctx, "pool": end_pool, "pool_mask": end_mask}, states,
     )
     evaluator = method.evaluator(view)
@@ -326,6 +327,7 @@ def test_evaluation_rules(tiny):
     assert (expected(end_pool[1], [end_pool[3], end_pool[2]], 1) - cases[1]).abs().max() > 1e-3
     assert (expected(end_pool[2], [start_pool[1], start_pool[3]], 2) - cases[2]).abs().max() > 1e-3
     assert (expected(end_pool[4], [], 4) - expected(global_ctx, [], 4)).abs().max() > 1e-3
+    assert (expected(start_global, [], 0) - cases[0]).abs().max() > 1e-3  # never trained: the round-END global
     assert evaluator.extra_metrics(0, features) == {} and evaluator.extra_metrics(4, features) == {}
     attention = evaluator.extra_metrics(1, features)
     assert list(attention) == ["attention_c0001", "attention_c0003", "attention_c0002"]
