@@ -10,12 +10,13 @@ histograms and domain. The sha256 of the file's bytes identifies it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pfedmoap_cli.artifacts.atomic import atomic_write_text, sha256_bytes
-from pfedmoap_cli.errors import ArtifactError
+from pfedmoap_cli.errors import ArtifactError, DataError
 
 PARTITION_SCHEMA = "pfedmoap.partition/1"
 CURRENT_POINTER = "current"
@@ -77,6 +78,56 @@ class Partition:
         return f"{self.dataset}-{self.scheme}-{sha256_bytes(_encode(self))[:8]}.json"
 
 
+def empty_clients(clients: Sequence[PartitionClient]) -> str | None:
+    """Name the clients with an empty train or test set, or ``None`` when there are none.
+
+    Parameters
+    ----------
+    clients:
+        The partition's clients.
+
+    Returns
+    -------
+    str or None
+        A phrase for a one-line error, e.g. ``"client(s) 3 (clipart), 7 with no
+        test samples"``; ``None`` when every client has train and test samples.
+
+    Notes
+    -----
+    Every client must have both: an empty train set cannot be trained on, and
+    an empty test set would silently drop the client from the mean accuracy.
+    """
+    phrases = []
+    for split in ("train", "test"):
+        named = [f"{c.client_id} ({c.domain})" if c.domain else str(c.client_id) for c in clients if not getattr(c, split)]
+        if named:
+            phrases.append(f"client(s) {', '.join(named)} with no {split} samples")
+    return " and ".join(phrases) or None
+
+
+def check_no_empty_clients(partition: Partition, fix: str) -> None:
+    """Refuse a partition in which some client has no train or no test samples.
+
+    Parameters
+    ----------
+    partition:
+        The partition about to be used or written.
+    fix:
+        What the user should change, appended to the message.
+
+    Raises
+    ------
+    DataError
+        Naming the empty clients and ``fix``.
+    """
+    problem = empty_clients(partition.clients)
+    if problem:
+        raise DataError(
+            f"the {partition.scheme} partition of {partition.dataset} leaves {problem}; "
+            f"every client needs train and test samples: {fix}"
+        )
+
+
 def _encode(partition: Partition) -> bytes:
     return (json.dumps(partition.to_json(), indent=1, sort_keys=True) + "\n").encode("utf-8")
 
@@ -110,7 +161,8 @@ def partition_from_json(data: Any, path: Path) -> Partition:
     Raises
     ------
     ArtifactError
-        On a wrong schema version or any structural defect.
+        On a wrong schema version, any structural defect, or a client with no
+        train or no test samples.
     """
     _require(isinstance(data, dict), path, "top level is not an object")
     schema = data.get("schema")
@@ -148,6 +200,14 @@ def partition_from_json(data: Any, path: Path) -> Partition:
             )
         )
     _require(len(clients) > 0, path, "no clients")
+    problem = empty_clients(clients)
+    if problem:
+        # Files written before empty clients were refused at partition time.
+        raise ArtifactError(
+            f"partition file {path} has {problem} (every client needs train and test samples); "
+            f"rebuild it with 'pfedmoap partition --dataset {data['dataset']} ...' "
+            "(a larger --min-size or alpha, or fewer clients, if it still leaves a client empty)"
+        )
     return Partition(
         dataset=data["dataset"],
         dataset_options=data["dataset_options"],
@@ -163,7 +223,13 @@ def save_partition(partition: Partition, directory: Path, make_current: bool = T
     """Write ``partition`` into ``directory`` atomically; return (path, sha256).
 
     Writing the same partition twice gives the same file (same name, same bytes).
+
+    Raises
+    ------
+    DataError
+        Some client has no train or no test samples (nothing is written).
     """
+    check_no_empty_clients(partition, "rebuild it with a larger --min-size or alpha, or fewer clients")
     payload = _encode(partition)
     path = Path(directory) / partition.file_name()
     atomic_write_text(path, payload.decode("utf-8"))

@@ -49,7 +49,7 @@ def partition(
     pathological: Annotated[bool, typer.Option("--pathological", help="Disjoint class sets per client (Table 1).")] = False,
     iid: Annotated[bool, typer.Option("--iid", help="Uniformly random, equal-size shares.")] = False,
     shots: Annotated[Optional[int], typer.Option("--shots", help="Pathological: training images per owned class (0 = all).")] = None,
-    min_size: Annotated[Optional[int], typer.Option("--min-size", help="Dirichlet: least train and test samples per client.")] = None,
+    min_size: Annotated[Optional[int], typer.Option("--min-size", help="Dirichlet: least train and test samples per client (>= 1).")] = None,
     clients_per_domain: Annotated[
         Optional[int], typer.Option("--clients-per-domain", help="Domain feature shift: split each domain over this many clients.")
     ] = None,
@@ -78,6 +78,10 @@ def partition(
     )
     if settings.scheme == "dirichlet" and settings.alpha is None:
         raise ConfigError("the Dirichlet scheme needs --dirichlet ALPHA")
+    if settings.scheme == "dirichlet" and settings.min_size < 1:
+        # Checked before the dataset is opened: 0 would allow a client with no
+        # train or test samples, which is never a usable partition.
+        raise ConfigError(f"--min-size must be at least 1 (every client needs train and test samples), got {settings.min_size}")
     if settings.scheme == "pathological" and settings.shots is not None and settings.shots < 0:
         raise ConfigError("--shots must be 0 (all) or positive")
     source = open_dataset(dataset, Path(cli.data_root), **dataset_options)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pfedmoap_cli.artifacts.partition import Partition, PartitionClient
+from pfedmoap_cli.artifacts.partition import Partition, PartitionClient, check_no_empty_clients
 from pfedmoap_cli.data import partitioners
 from pfedmoap_cli.data.sources.base import DatasetSource
 from pfedmoap_cli.errors import ConfigError
@@ -60,8 +60,50 @@ def _split(settings: PartitionSettings, train_labels: np.ndarray, test_labels: n
     raise ConfigError(f"unknown partition scheme '{settings.scheme}'; choose one of: {', '.join(SCHEMES)}")
 
 
+def empty_client_fix(settings: PartitionSettings) -> str:
+    """What to change when ``settings`` leave a client with no train or test samples.
+
+    Parameters
+    ----------
+    settings:
+        The settings that produced the partition.
+
+    Returns
+    -------
+    str
+        The fix in terms of the ``pfedmoap partition`` flags of this scheme.
+    """
+    fewer = "fewer --clients-per-domain" if settings.clients_per_domain is not None else "fewer --clients"
+    if settings.scheme == "dirichlet":
+        return f"raise --min-size, use a larger --dirichlet alpha or {fewer}"
+    return f"use {fewer}"
+
+
 def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_options: dict[str, Any]) -> Partition:
-    """Split ``source`` over clients as ``settings`` say and describe the result."""
+    """Split ``source`` over clients as ``settings`` say and describe the result.
+
+    Parameters
+    ----------
+    source:
+        The dataset to split.
+    settings:
+        Scheme, client count, seed and scheme parameters.
+    dataset_options:
+        The options ``source`` was opened with, recorded in the partition.
+
+    Returns
+    -------
+    Partition
+        Every client has at least one train and one test sample.
+
+    Raises
+    ------
+    ConfigError
+        Bad settings (unknown scheme, domains asked of a dataset without them, ...).
+    DataError
+        The data cannot be split as asked, including a split that would leave
+        some client with no train or no test samples.
+    """
     if settings.num_clients < 1:
         raise ConfigError("--clients must be at least 1")
     train, test = source.samples("train"), source.samples("test")
@@ -97,7 +139,7 @@ def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_
     )
     params = settings.params()
     params["num_clients"] = len(clients)
-    return Partition(
+    result = Partition(
         dataset=source.name,
         dataset_options=dict(dataset_options),
         dataset_fingerprint=source.fingerprint(),
@@ -106,3 +148,7 @@ def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_
         params=params,
         clients=clients,
     )
+    # The schemes already refuse empty clients; this holds for every scheme,
+    # present or future, and names the fix in this scheme's flags.
+    check_no_empty_clients(result, empty_client_fix(settings))
+    return result

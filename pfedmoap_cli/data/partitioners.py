@@ -203,6 +203,38 @@ def partition_pathological(
 # ----------------------------------------------------------------------------- dirichlet
 
 
+def _cut_points(shares: np.ndarray, length: int) -> np.ndarray:
+    """Where to split ``length`` shuffled indices so client ``j`` gets about ``shares[j]``.
+
+    Parameters
+    ----------
+    shares:
+        Non-negative per-client shares summing to 1 (up to rounding), at least one positive.
+    length:
+        Number of indices to split.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``len(shares) - 1`` non-decreasing cut points for ``np.split``: the
+        floors of ``cumsum(shares) * length``, except that every cut from the
+        last positive share on is exactly ``length``.
+
+    Notes
+    -----
+    The cumulative sum of renormalised shares can end a rounding error below 1.
+    When the last client(s) have share 0 (capped), the floor then lands one
+    short and would hand them one sample they must not get. Pinning the cuts
+    from the last positive share on to ``length`` fixes that exactly; when the
+    last client's share is positive only the final cut changes, and ``np.split``
+    never sees it, so such partitions are unchanged.
+    """
+    cumulative = np.cumsum(shares)
+    last_positive = int(np.flatnonzero(shares > 0)[-1])
+    cumulative[last_positive:] = 1.0
+    return (cumulative * length).astype(int)[:-1]
+
+
 def _dirichlet_attempt(
     rng: np.random.Generator,
     train_by_class: list[np.ndarray],
@@ -227,13 +259,12 @@ def _dirichlet_attempt(
             p = open_clients / open_clients.sum() if open_clients.any() else np.full(num_clients, 1.0)
             total = p.sum()
         p = p / total
-        cumulative = np.cumsum(p)
         train_k = rng.permutation(train_k)
         test_k = rng.permutation(test_k)
         # The SAME proportions cut test and train, so each client's test set
-        # follows its train label distribution.
-        train_chunks = np.split(train_k, (cumulative * len(train_k)).astype(int)[:-1])
-        test_chunks = np.split(test_k, (cumulative * len(test_k)).astype(int)[:-1])
+        # follows its train label distribution (and a capped client gets neither).
+        train_chunks = np.split(train_k, _cut_points(p, len(train_k)))
+        test_chunks = np.split(test_k, _cut_points(p, len(test_k)))
         for j in range(num_clients):
             train_parts[j].append(train_chunks[j])
             test_parts[j].append(test_chunks[j])
@@ -258,11 +289,15 @@ def partition_dirichlet(
 ) -> list[ClientSplit]:
     """Dirichlet label-shift partition with test sets that follow train proportions.
 
-    For each class k: draw ``p ~ Dir(alpha * 1_n)``; zero the share of every
-    client already holding ``>= N_train / n`` train samples and renormalise; cut
-    class k's shuffled train indices at ``(cumsum(p) * len).astype(int)[:-1]``
-    and its shuffled test indices with the same ``p``. The whole pass is
-    repeated until every client has at least ``min_size`` train and test samples.
+    For each class k (in label order): draw ``p ~ Dir(alpha * 1_n)``; zero the
+    share of every client already holding ``>= N_train / n`` train samples and
+    renormalise; cut class k's shuffled train indices at
+    ``(cumsum(p) * len).astype(int)[:-1]`` and its shuffled test indices with
+    the same ``p``. A capped client gets nothing of class k, train or test: the
+    cuts from the last positive share on are exactly ``len`` (see
+    :func:`_cut_points`). The whole pass is repeated, continuing the same
+    random stream, until every client has at least ``min_size`` train and
+    test samples.
 
     Parameters
     ----------
@@ -277,7 +312,7 @@ def partition_dirichlet(
     seed:
         Seed of ``np.random.default_rng``; retries continue the same stream.
     min_size:
-        Minimum train and test samples per client.
+        Minimum train and test samples per client (>= 1: no client may be empty).
     max_retries:
         Passes tried before giving up.
 
@@ -297,18 +332,20 @@ def partition_dirichlet(
     _check_clients(num_clients)
     if not np.isfinite(alpha) or alpha <= 0:
         raise ConfigError(f"Dirichlet alpha must be > 0, got {alpha!r}; pass e.g. --dirichlet 0.3")
-    if min_size < 0:
-        raise ConfigError(f"min_size must be >= 0, got {min_size}")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+        # 0 would accept a client with no train or no test samples, which
+        # training and evaluation cannot use; refuse it here, by its flag.
+        raise ConfigError(f"min_size must be an integer >= 1, got {min_size!r}; pass --min-size 1 or more")
     if max_retries < 1:
         raise ConfigError(f"max_retries must be >= 1, got {max_retries}")
     train = _labels(train_labels, num_classes, "train")
     test = _labels(test_labels, num_classes, "test")
-    fix = "lower --min-size, use a larger alpha or fewer clients"
+    fix = "lower --min-size, use a larger alpha or fewer clients" if min_size > 1 else "use a larger alpha or fewer clients"
     if min_size * num_clients > min(len(train), len(test)):
-        # Checked up front: no number of retries can reach it.
+        # Checked up front: no number of retries can reach it, and no alpha helps.
         raise DataError(
             f"{num_clients} clients x min_size {min_size} exceeds the {len(train)} train / "
-            f"{len(test)} test samples; {fix}"
+            f"{len(test)} test samples; use fewer clients" + (" or lower --min-size" if min_size > 1 else "")
         )
     train_by_class = _indices_by_class(train, num_classes)
     test_by_class = _indices_by_class(test, num_classes)
