@@ -360,3 +360,20 @@ def test_prompt_truncation_is_part_of_the_run_id():
     assert default_run_id(truncated, "synthetic", "p" * 64) == default_run_id(
         TrainSettings(backbone="tiny-vit", pretrained="none", eval_batch_size=7), "synthetic", "p" * 64
     )
+
+
+def test_a_client_without_test_images_stops_evaluation_instead_of_being_skipped(world):
+    """Skipping it would average the headline over fewer clients unnoticed (partitions refuse it earlier too)."""
+    import dataclasses
+
+    from pfedmoap_cli.errors import DataError
+
+    workspace = world[0]
+    session = session_of(world, "promptfl")
+    clients = list(session.partition.clients)
+    clients[1] = dataclasses.replace(clients[1], test=())
+    session.partition = dataclasses.replace(session.partition, clients=tuple(clients))
+    federation = Federation(session, "empty", RunPaths(workspace.run_dir("empty")), progress=False)
+    state = federation.initial_state()
+    with pytest.raises(DataError, match="client 1 .*no test samples"):
+        federation.evaluate(RoundView(0, frozenset(), state, state, {}))
