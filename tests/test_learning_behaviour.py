@@ -20,19 +20,20 @@ worlds 1 and 2 (``OMP_NUM_THREADS=1 python scripts/learning_figures.py``,
     zero-shot    63.19  63.19  63.19  63.19  63.19  61.57  61.57  62.96  62.96
     CoOp         78.01  77.08  75.93  79.55  77.78  80.17  81.10  80.40  77.85
     PromptFL     62.11  65.51  66.51  67.13  67.05  67.98  66.36  65.66  66.20
-    Dirichlet
-    zero-shot    63.16  63.28  63.32  62.87  63.22  61.74  61.70  62.88  63.10
-    PromptFL     66.66  66.64  67.90  66.47  67.27  66.78  67.16  67.15  67.07
+    Dirichlet (re-measured after the Dirichlet cap fix, which moved the
+    partitions of seeds 1 and 2)
+    zero-shot    63.17  63.27  63.32  62.87  63.22  61.73  61.68  62.90  63.10
+    PromptFL     68.02  67.09  67.90  66.47  67.27  67.67  67.83  66.30  67.44
 
     CoOp, pathological       78.65 +- 1.73   gain over zero-shot +12.7 .. +19.5
     PromptFL, pathological   66.06 +- 1.66   gain over zero-shot  -1.1 .. +6.4
-    PromptFL, Dirichlet      67.01 +- 0.43   gain over zero-shot  +3.4 .. +5.5
+    PromptFL, Dirichlet      67.33 +- 0.62   gain over zero-shot  +3.4 .. +6.2
 
 PromptFL's single averaged prompt serves six clients with disjoint classes
 under the pathological split, and its gain there is not reliable (world 0,
 seed 1 loses 1.1 points); under the Dirichlet split it gains every time, so
 that is where it is tested. The tests run world 0, seed 1 (pathological:
-zero-shot 63.19, CoOp 78.01; Dirichlet: zero-shot 63.16, PromptFL 66.66).
+zero-shot 63.19, CoOp 78.01; Dirichlet: zero-shot 63.17, PromptFL 68.02).
 Zero-shot on the whole test split: 63.2% (photo 65.7, sketch 79.2, noisy
 44.7). The gain thresholds sit under half the smallest measured gain.
 """
@@ -47,7 +48,7 @@ ZERO_SHOT_MIN = 0.55  # measured 0.632
 ZERO_SHOT_MAX = 0.75  # headroom: a learned prompt must have something to improve
 DOMAIN_MIN = 0.35  # measured: noisy 0.447, photo 0.657, sketch 0.792
 COOP_GAIN_MIN = 0.06  # pathological; measured +0.127 .. +0.195 (9 runs), this case +0.148
-PROMPTFL_GAIN_MIN = 0.015  # Dirichlet; measured +0.034 .. +0.055 (9 runs), this case +0.035
+PROMPTFL_GAIN_MIN = 0.015  # Dirichlet; measured +0.034 .. +0.062 (9 runs), this case +0.049
 
 
 def test_zero_shot_is_far_above_chance_and_below_the_ceiling(micro_clip_test_split):
