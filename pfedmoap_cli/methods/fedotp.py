@@ -15,10 +15,10 @@ layer at every spatial position, projected to D and normalised:
     logits[c] = s * sum_{m,n} T[m, n] * sim[m, n]
 
 T is computed without gradient (:func:`pfedmoap_cli.methods.ot.unbalanced_sinkhorn`,
-batched over images and classes; it stops on ``threshold`` or after
-``max_iter`` iterations); gradients reach both prompts through ``sim``. The
-pooled image feature is not used (as in the reference code, which reads the
-local tokens only).
+batched over images and classes, in float64 and in the log domain; it stops
+on ``threshold`` under ``stop_rule`` or after ``max_iter`` iterations);
+gradients reach both prompts through ``sim``. The pooled image feature is not
+used (as in the reference code, which reads the local tokens only).
 
 A participant starts from ``[global ; its local prompt]`` (the initial local
 prompt if it has not trained yet), trains both prompts for the round's local
@@ -44,6 +44,38 @@ threshold:
     Stopping threshold of the OT iterations (default 1e-3).
 max_iter:
     Iteration cap of the OT iterations (default 100).
+stop_rule:
+    When the OT iterations stop: ``authors`` (default; the reference's batch
+    mean of ``|v - v_prev|`` in exponential-domain units, evaluated without
+    overflow, which gives the reference's iteration counts) or ``marginal``
+    (the largest token-marginal residual of a problem, in transported mass:
+    a threshold with a fixed meaning). See :mod:`pfedmoap_cli.methods.ot`.
+
+Reference code (``trainers/GLP_OT.py`` of the authors' FedOTP repository)
+and what this module does instead:
+
+* it runs CLIP and the transport in fp16 by default (``PREC = "fp16"``) and
+  forms ``K = exp(-cost / eps)`` and iterates in that dtype: at eps 0.01, K
+  is zero for costs above about 0.17 in fp16 and leaves float32's normal
+  range above about 0.87; where ``K^T u`` underflows, ``v`` overflows and
+  the plan holds NaN (0 * inf), its forward pass returns None and the loss
+  fails. Here prompts train in fp32 and the transport runs in float64 in the
+  log domain, so the plan is finite for any finite cost;
+* its stopping threshold compares successive ``v``, whose scale grows like
+  ``exp(cost / eps)``, so the threshold has no fixed meaning (at eps 0.01 the
+  error is around 1e20-1e28 and the loop always runs ``max_iter``
+  iterations). ``stop_rule=authors`` follows it (the default, so that the
+  baseline is the authors' method); ``stop_rule=marginal`` is the scale-free
+  alternative. Under either rule the error is taken over the whole batch
+  (images times classes), so a test image's scores depend on the images
+  evaluated with it, i.e. on the evaluation batch size, as in the reference;
+* its ``top_percent`` is meant to be capped at the image's mass, but the cap
+  is taken over the whole batch's mass (``min(sum(xx), top_percent)`` with
+  ``xx`` holding every image and class), so it never applies and a value
+  above 1 asks prompts for more mass than the tokens have. Here it must be in
+  (0, 1];
+* the defaults followed are those of its scripts: eps 0.01 (few-shot) or 0.1
+  (CIFAR), top_percent 0.8, threshold 1e-3, at most 100 iterations, N = 2.
 
 State: server ``{"ctx", "local_init"}`` (``local_init`` is the common initial
 local prompt, never updated); client ``{"local_ctx"}``.
@@ -67,18 +99,25 @@ from pfedmoap_cli.methods.base import (
     register_method,
 )
 from pfedmoap_cli.methods.local_training import cross_entropy, run_local_epochs, weighted_average
-from pfedmoap_cli.methods.ot import unbalanced_sinkhorn
+from pfedmoap_cli.methods.ot import STOP_RULES, unbalanced_sinkhorn
 from pfedmoap_cli.model.local_tokens import encode_image_tokens
 
 NUM_PROMPTS = 2  # index 0 global, index 1 local
 
 
+def _fix(name: str, example: object) -> str:
+    return f"pass --method-option {name}={example}"
+
+
 @dataclass(frozen=True)
 class FedOTPOptions:
+    """FedOTP's OT settings (see the module docstring); validated on creation."""
+
     eps: float = 0.01
     top_percent: float = 0.8
     threshold: float = 1e-3
     max_iter: int = 100
+    stop_rule: str = STOP_RULES[0]
 
     def __post_init__(self) -> None:
         for name, positive_only in (("eps", True), ("top_percent", True), ("threshold", False)):
@@ -90,6 +129,10 @@ class FedOTPOptions:
             raise ConfigError(f"fedotp option top_percent must be in (0, 1], got {self.top_percent}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ConfigError(f"fedotp option max_iter must be a positive integer, got {self.max_iter!r}")
+        if self.stop_rule not in STOP_RULES:
+            raise ConfigError(
+                f"fedotp option stop_rule must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}; {_fix('stop_rule', STOP_RULES[0])}"
+            )
 
 
 def ot_logits(local_tokens: torch.Tensor, text_features: torch.Tensor, logit_scale: float, options: FedOTPOptions) -> torch.Tensor:
@@ -110,7 +153,9 @@ def ot_logits(local_tokens: torch.Tensor, text_features: torch.Tensor, logit_sca
     sim = torch.einsum("bmd,ncd->bcmn", local_tokens.to(text_features.dtype), text_features)  # (B, C, M, N)
     token_mass = torch.full((num_tokens,), 1.0 / num_tokens, device=sim.device)
     prompt_mass = torch.full((num_prompts,), min(1.0, options.top_percent) / num_prompts, device=sim.device)
-    plan = unbalanced_sinkhorn(1.0 - sim.detach(), token_mass, prompt_mass, options.eps, options.threshold, options.max_iter).plan
+    plan = unbalanced_sinkhorn(
+        1.0 - sim.detach(), token_mass, prompt_mass, options.eps, options.threshold, options.max_iter, options.stop_rule
+    ).plan
     return logit_scale * (plan * sim).sum(dim=(-2, -1))
 
 
