@@ -79,7 +79,7 @@ def train(
     truncate_prompts: Annotated[
         Optional[bool], typer.Option("--truncate/--no-truncate", help="Run the text encoder only up to the last EOT token (exact in fp32; part of the run id, since under bf16 the last bits differ).")
     ] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size for evaluation and features.")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size for evaluation and features (part of the run id: FedOTP's transport is solved per batch).")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--workers", help="Image-loading worker processes (0: in the main process).")] = None,
     method_option: Annotated[
         Optional[list[str]], typer.Option("--method-option", help="Method-specific KEY=VALUE; repeatable.")
@@ -115,12 +115,14 @@ def train(
     )
     if resume and run_id:
         record = read_run_record(RunPaths(ws.run_dir(run_id)))
-        given = sorted(k for k, v in flags.items() if v is not None and k not in {"device", "eval_batch_size"})
+        # Only the device may change on resume; everything else (eval_batch_size too:
+        # FedOTP's scores depend on it) is part of the run's identity.
+        given = sorted(k for k, v in flags.items() if v is not None and k != "device")
         if given or config:
             drop = ", ".join("--" + g.replace("_", "-") for g in given) or "--config"
             raise ConfigError(f"--resume --run-id takes its settings from the run; drop {drop}")
         settings = run_settings(record)
-        settings = validate_settings(merge_settings(settings, {"device": device, "eval_batch_size": eval_batch_size}, "the command line"))
+        settings = validate_settings(merge_settings(settings, {"device": device}, "the command line"))
         partition_path = Path(record["partition_file"])
         if load_partition(partition_path)[1] != record["partition_sha256"]:
             raise ArtifactError(f"partition {partition_path} changed since run {run_id} started; it cannot be resumed")
