@@ -152,6 +152,37 @@ def test_bad_recipes_are_one_line_config_errors(tmp_path, extra, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "line, partition_seed, mode",
+    [
+        ("", None, "partitions: one per seed (partition seed = run seed)"),  # the default
+        ('partition_seed = "run"', None, "partitions: one per seed (partition seed = run seed)"),
+        ("partition_seed = 7", 7, "partitions: fixed, seed 7"),
+        ("partition_seed = 0", 0, "partitions: fixed, seed 0"),  # 0 is a seed like any other
+    ],
+)
+def test_partition_seed_follows_the_run_seed_unless_fixed(tmp_path, line, partition_seed, mode):
+    path = tmp_path / "t.toml"
+    path.write_text(BASE.format(extra="").replace("seeds = [1, 2]", f"seeds = [1, 2]\n{line}"))
+    recipe = load_table_recipe(str(path))
+    assert recipe.partition_seed == partition_seed and recipe.partition_mode() == mode
+    if partition_seed is None:
+        assert [recipe.partition_seed_for(s) for s in (1, 2)] == [1, 2] and recipe.partition_seeds() == (1, 2)
+    else:
+        assert [recipe.partition_seed_for(s) for s in (1, 2)] == [partition_seed] * 2 and recipe.partition_seeds() == (partition_seed,)
+
+
+@pytest.mark.parametrize("value", ['"per-seed"', "-1", "1.5", "true", "[1, 2]"])
+def test_a_bad_partition_seed_is_a_one_line_error_naming_both_forms(tmp_path, value):
+    path = tmp_path / "t.toml"
+    path.write_text(BASE.format(extra="").replace("seeds = [1, 2]", f"seeds = [1, 2]\npartition_seed = {value}"))
+    with pytest.raises(ConfigError) as error:
+        load_table_recipe(str(path))
+    message = str(error.value)
+    assert "[table] partition_seed must be \"run\"" in message and "an integer >= 0" in message and "fix the file" in message
+    assert "\n" not in message
+
+
 def test_domain_table_needs_consistent_domains(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(
@@ -226,7 +257,7 @@ def fabricate_run(ws, recipe, partitions, dataset, row, seed, accuracies, comple
     ``accuracies[r][c]`` is client c's accuracy in round r (0-1).
     """
     settings = recipe.cell_settings(dataset, row, seed)
-    choice = partitions[dataset]
+    choice = partitions[(dataset, recipe.partition_seed_for(seed))]
     run_id = default_run_id(settings, dataset, choice.sha256)
     paths = RunPaths(ws.run_dir(run_id))
     paths.root.mkdir(parents=True)
@@ -311,6 +342,8 @@ def test_markdown_and_csv_put_values_in_the_right_cells(label_ws):
     cells = [c.strip() for c in lines["ZS-CLIP"].strip("|").split("|")]
     assert cells == ["ZS-CLIP", "31.00 ± 1.73", "50.00 ± 1.00", "-19.00", "missing 2/3 seeds (1 partial)", "40.00", "-"]
     assert "ddof=1" in markdown and "2/4 cells complete" in markdown
+    assert "\npartitions: fixed, seed 7.\n" in markdown  # the recipe's partition_seed = 7
+    assert "- fake_a: partition " in markdown
 
     frame = pd.read_csv(io.StringIO(render.to_csv(report)), keep_default_na=False)
     assert len(frame) == 4
@@ -320,6 +353,7 @@ def test_markdown_and_csv_put_values_in_the_right_cells(label_ws):
     assert moap_a.seeds_done == "1 2 3" and len(moap_a.run_ids.split()) == 3
     zs_b = frame[(frame.row == "zsclip") & (frame.dataset == "fake_b")].iloc[0]
     assert zs_b.ours_mean == "" and zs_b.seeds_missing == "2 3" and str(zs_b.seeds_partial) == "3" and float(zs_b.paper_mean) == 40.0
+    assert set(frame.partitions) == {"partitions: fixed, seed 7"}
 
 
 def check_latex(tex: str, rows: int, columns: int) -> None:
@@ -388,8 +422,10 @@ def test_per_domain_columns(tmp_path):
     recipe = load_table_recipe(str(path))
     ws = Workspace(tmp_path / "ws")
     domains = ["x", "x", "y", "y"]
-    save_partition(fake_partition("fake_d", 4, 1, domains, per_domain=2), ws.partitions_dir, make_current=False)
+    for seed in (1, 2):  # no partition_seed: each seed has its own partition
+        save_partition(fake_partition("fake_d", 4, seed, domains, per_domain=2), ws.partitions_dir, make_current=False)
     partitions = find_partitions(ws, recipe)
+    assert set(partitions) == {("fake_d", 1), ("fake_d", 2)} and partitions[("fake_d", 1)].sha256 != partitions[("fake_d", 2)].sha256
     attention = {(1, 0): {0: 0.7, 1: 0.3}, (1, 1): {1: 0.6, 0: 0.4}, (0, 0): {0: 0.5, 1: 0.5}}
     fabricate_run(ws, recipe, partitions, "fake_d", "pfedmoap", 1, [[0, 0, 0, 0], [0.2, 0.4, 0.6, 1.0]], attention=attention, domains=domains)
     fabricate_run(ws, recipe, partitions, "fake_d", "pfedmoap", 2, [[0, 0, 0, 0], [0.4, 0.4, 0.6, 0.6]], domains=domains)
@@ -402,6 +438,9 @@ def test_per_domain_columns(tmp_path):
     markdown = render.to_markdown(report)
     assert "| Method | x | paper | Δ | y | paper | Δ | Avg | paper | Δ |" in markdown
     assert "**Note.** why the paper is near chance" in markdown
+    assert "partitions: one per seed (partition seed = run seed)." in markdown
+    assert "- fake_d seed 2: partition " in markdown
+    assert "% partitions: one per seed (partition seed = run seed)" in render.to_latex(report)
     check_latex(render.to_latex(report), rows=1, columns=1 + 3 * 3)
 
     from pfedmoap_cli.report.plots import attention_matrix

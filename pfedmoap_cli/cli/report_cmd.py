@@ -14,8 +14,9 @@ HELP = """Summarise the runs in the workspace, or build a paper table from them.
 Without --table: one row per run (markdown on stdout, reports/runs.csv).
 With --table N: the table from the runs present, mean +- sample std (ddof=1)
 over seeds per cell, the paper's value and the difference beside it, missing
-cells marked with how many seeds they lack; written to reports/tableN.md,
-.csv and .tex, plus PNG plots when matplotlib is installed.
+cells marked with how many seeds they lack, and whether each seed had its
+own partition or one was fixed for all; written to reports/tableN.md, .csv
+and .tex, plus PNG plots when matplotlib is installed.
 
 Examples:
 

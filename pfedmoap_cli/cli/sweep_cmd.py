@@ -7,17 +7,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from pfedmoap_cli.report.cells import DONE, MISSING, PARTIAL, CellRun, find_partitions, manifest_path
-from pfedmoap_cli.report.sweep import build_partitions, check_runnable, plan, run_cells, select, unavailable
-from pfedmoap_cli.report.table_recipes import load_table_recipe
+from pfedmoap_cli.report.cells import DONE, MISSING, PARTIAL, CellRun, TablePartitions, find_partitions, manifest_path
+from pfedmoap_cli.report.sweep import (
+    Selection,
+    build_partitions,
+    check_runnable,
+    plan,
+    run_cells,
+    select,
+    selected_datasets,
+    unavailable,
+)
+from pfedmoap_cli.report.table_recipes import TableRecipe, load_table_recipe
 
 HELP = """Run every cell (dataset x method x seed) of a paper table that is not finished yet.
 
-Partitions are created as the table's recipe says (its partition seed is
-recorded in the workspace's sweeps/<table>.json), finished runs are skipped
-and interrupted ones resume from their last complete round, so the same
-command continues a sweep after a stop. Tables: 1, 2, 3, 4, demo, or the path
-of a table recipe (.toml).
+Partitions are created as the table's recipe says: one per dataset and
+seed, built with that seed, unless its [table] partition_seed fixes one for
+all seeds; they are recorded in the workspace's sweeps/<table>.json. Finished
+runs are skipped and interrupted ones resume from their last complete round,
+so the same command continues a sweep after a stop. Tables: 1, 2, 3, 4,
+baselines, demo, or the path of a table recipe (.toml).
 
 Examples:
 
@@ -32,6 +42,17 @@ Examples:
 def _counts(cells: list[CellRun]) -> str:
     counts = Counter(c.status for c in cells)
     return f"{counts[DONE]} done, {counts[PARTIAL]} partial, {counts[MISSING]} missing"
+
+
+def partition_lines(recipe: TableRecipe, partitions: TablePartitions, selection: Selection) -> list[str]:
+    """The selected datasets' partitions (one per seed when per-seed), each with its file or that it is not created yet."""
+    lines = []
+    for spec in selected_datasets(recipe, selection):
+        for seed in recipe.partition_seeds():
+            choice = partitions.get((spec.key, seed))
+            where = choice.path.name if choice is not None else "not created yet"
+            lines.append(f"partition of {spec.key}, seed {seed}: {where}")
+    return lines
 
 
 def _listing(cells: list[CellRun], blocked_methods: set[str], method_of: dict[str, str]) -> list[str]:
@@ -61,12 +82,15 @@ def sweep(
     selection = select(recipe, only)
     method_of = {r.key: r.method for r in recipe.rows}
     if dry_run:
-        cells = plan(ws, recipe, selection, find_partitions(ws, recipe))
+        partitions = find_partitions(ws, recipe)
+        cells = plan(ws, recipe, selection, partitions)
         blocked_methods, blocked_datasets = unavailable(recipe, selection)
         typer.echo(f"table {recipe.name}: {recipe.title}")
-        typer.echo(f"  {len(cells)} runs: {_counts(cells)} (seeds {', '.join(map(str, recipe.seeds))}, partition seed {recipe.partition_seed})")
+        typer.echo(f"  {len(cells)} runs: {_counts(cells)} (seeds {', '.join(map(str, recipe.seeds))}; {recipe.partition_mode()})")
         if blocked_methods or blocked_datasets:
             typer.echo(f"  not available in this version: {', '.join(blocked_methods + blocked_datasets)} (the sweep refuses them)")
+        for line in partition_lines(recipe, partitions, selection):
+            typer.echo(f"  {line}")
         typer.echo("")
         for line in _listing(cells, set(blocked_methods), method_of):
             typer.echo(line)
@@ -76,7 +100,9 @@ def sweep(
     partitions = build_partitions(ws, cli.data_root, recipe, datasets)
     cells = plan(ws, recipe, selection, partitions)
     todo = [c for c in cells if c.status != DONE]
-    typer.echo(f"table {recipe.name}: {len(cells)} runs, {_counts(cells)}; partitions recorded in {manifest_path(ws, recipe)}")
+    typer.echo(
+        f"table {recipe.name}: {len(cells)} runs, {_counts(cells)}; {recipe.partition_mode()}, recorded in {manifest_path(ws, recipe)}"
+    )
 
     def finished(cell: CellRun, outcome) -> None:
         if not cli.progress:

@@ -1,5 +1,8 @@
 """Fill a paper table: build its partitions, then run every cell and seed not finished yet.
 
+Partitions: one per (dataset entry, seed), built with that seed, unless the
+recipe fixes ``[table] partition_seed`` (then one per entry for all seeds).
+
 Runs go through :func:`pfedmoap_cli.engine.runner.execute_run` with
 ``IfExists.AUTO`` and their default run ids, so a finished run is skipped, an
 interrupted one resumes from its last complete round (ending with the same
@@ -15,15 +18,15 @@ from typing import Callable, Iterable
 from pfedmoap_cli.artifacts.partition import save_partition
 from pfedmoap_cli.artifacts.run_lock import RunInUse
 from pfedmoap_cli.data.build_partition import build_partition
-from pfedmoap_cli.data.sources import dataset_names, open_dataset
+from pfedmoap_cli.data.sources import DatasetSource, dataset_names, open_dataset
 from pfedmoap_cli.engine.runner import IfExists, RunOutcome, execute_run
 from pfedmoap_cli.engine.session import method_options
 from pfedmoap_cli.engine.settings import validate_settings
 from pfedmoap_cli.engine.workspace import Workspace
 from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.methods.base import get_method, method_names
-from pfedmoap_cli.report.cells import DONE, CellRun, PartitionChoice, cell_runs, partition_matches, record_partitions
-from pfedmoap_cli.report.table_recipes import TableRecipe
+from pfedmoap_cli.report.cells import DONE, CellRun, PartitionChoice, TablePartitions, cell_runs, partition_matches, record_partitions
+from pfedmoap_cli.report.table_recipes import DatasetSpec, TableRecipe
 
 
 @dataclass(frozen=True)
@@ -97,30 +100,41 @@ def check_runnable(recipe: TableRecipe, selection: Selection) -> None:
             method_options(get_method(settings.method), settings.method_options)
 
 
-def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datasets: Iterable[str]) -> dict[str, PartitionChoice]:
-    """Create (or find again: same data, same file) the partition of each dataset entry (by key) and record it."""
-    chosen: dict[str, PartitionChoice] = {}
+def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datasets: Iterable[str]) -> TablePartitions:
+    """Create (or find again: same data, same file) the partitions of each dataset entry (by key) and record them.
+
+    One partition per (entry, partition seed): per run seed when the table's
+    partitions follow the seed, a single one when ``partition_seed`` fixes it.
+    """
+    chosen: TablePartitions = {}
     for key in datasets:
         spec = recipe.dataset(key)
         options = dict(spec.partition.dataset_options)
         source = open_dataset(spec.name, Path(data_root), **options)
-        partition = build_partition(source, spec.partition.settings(recipe.partition_seed), options)
-        if recipe.per_domain:
-            got = list(dict.fromkeys(c.domain for c in partition.clients))
-            if got != list(spec.domains):
-                raise ConfigError(
-                    f"dataset {spec.name} has domains {', '.join(map(str, got))} but table recipe {recipe.path} lists "
-                    f"{', '.join(spec.domains)}; fix the recipe's domains"
-                )
-        if not partition_matches(partition, spec, recipe.partition_seed):
-            raise ConfigError(
-                f"the {spec.name} partition came out with {partition.num_clients} clients ({partition.scheme}), "
-                f"not the {spec.partition.clients} that table recipe {recipe.path} asks for; fix its partition settings"
-            )
-        path, sha = save_partition(partition, ws.partitions_dir, make_current=False)
-        chosen[key] = PartitionChoice(path, sha, partition.dataset)
+        for seed in recipe.partition_seeds():
+            chosen[(key, seed)] = _build_one(ws, recipe, spec, source, seed)
     record_partitions(ws, recipe, chosen)
     return chosen
+
+
+def _build_one(ws: Workspace, recipe: TableRecipe, spec: DatasetSpec, source: DatasetSource, seed: int) -> PartitionChoice:
+    """Build, check against the recipe and save the partition of ``spec`` with partition seed ``seed``."""
+    options = dict(spec.partition.dataset_options)
+    partition = build_partition(source, spec.partition.settings(seed), options)
+    if recipe.per_domain:
+        got = list(dict.fromkeys(c.domain for c in partition.clients))
+        if got != list(spec.domains):
+            raise ConfigError(
+                f"dataset {spec.name} has domains {', '.join(map(str, got))} but table recipe {recipe.path} lists "
+                f"{', '.join(spec.domains)}; fix the recipe's domains"
+            )
+    if not partition_matches(partition, spec, seed):
+        raise ConfigError(
+            f"the {spec.name} partition came out with {partition.num_clients} clients ({partition.scheme}), "
+            f"not the {spec.partition.clients} that table recipe {recipe.path} asks for; fix its partition settings"
+        )
+    path, sha = save_partition(partition, ws.partitions_dir, make_current=False)
+    return PartitionChoice(path, sha, partition.dataset, seed)
 
 
 def run_cells(
@@ -128,7 +142,7 @@ def run_cells(
     data_root: Path,
     recipe: TableRecipe,
     cells: list[CellRun],
-    partitions: dict[str, PartitionChoice],
+    partitions: TablePartitions,
     progress: bool = True,
     device: str | None = None,
     on_done: Callable[[CellRun, RunOutcome], None] | None = None,
@@ -136,9 +150,10 @@ def run_cells(
 ) -> list[RunOutcome]:
     """Run every cell that is not done (partial ones resume); a tqdm bar counts all of them.
 
-    A cell whose run another process is training (its lock is held) is
-    skipped and reported through ``on_busy``, so several sweeps can share a
-    workspace and split its cells between them.
+    Each cell runs on the partition of its dataset entry and partition seed
+    (``recipe.partition_seed_for(seed)``). A cell whose run another process is
+    training (its lock is held) is skipped and reported through ``on_busy``,
+    so several sweeps can share a workspace and split its cells between them.
     """
     from tqdm.auto import tqdm
 
@@ -150,10 +165,9 @@ def run_cells(
             settings = recipe.cell_settings(cell.dataset, cell.row, cell.seed)
             if device is not None:
                 settings = validate_settings(replace(settings, device=device))
+            partition = partitions[(cell.dataset, recipe.partition_seed_for(cell.seed))]
             try:
-                outcome = execute_run(
-                    ws, data_root, settings, partitions[cell.dataset].path, run_id=None, if_exists=IfExists.AUTO, progress=progress
-                )
+                outcome = execute_run(ws, data_root, settings, partition.path, run_id=None, if_exists=IfExists.AUTO, progress=progress)
             except RunInUse as busy:
                 # Another sweep (maybe on another machine sharing the workspace) is
                 # training this cell: leave it to that one and go on with the rest.
@@ -169,7 +183,7 @@ def run_cells(
     return outcomes
 
 
-def plan(ws: Workspace, recipe: TableRecipe, selection: Selection, partitions: dict[str, PartitionChoice | None]) -> list[CellRun]:
+def plan(ws: Workspace, recipe: TableRecipe, selection: Selection, partitions: TablePartitions) -> list[CellRun]:
     """The selected cells with their run states."""
     return cell_runs(
         ws,

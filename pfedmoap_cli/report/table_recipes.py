@@ -13,7 +13,9 @@ Format (keys not listed here are errors)::
     [table]
     title = "Table 1: ..."
     seeds = [1, 2, 3]            # experiment seeds, one run per seed and cell
-    partition_seed = 1           # the seed of every partition of this table
+    partition_seed = "run"       # optional; "run" (the default when absent): one partition per
+                                 # (dataset entry, seed), built with that seed; an integer N: one
+                                 # partition per dataset entry, built with seed N, for every seed
     columns = "datasets"         # or "domains": one column per domain + "avg"
     note = "..."                 # optional, printed under the table
     compare_paper = true         # paper/Δ columns (n/a where [paper] has no value); false for tables the paper lacks
@@ -44,6 +46,12 @@ Format (keys not listed here are errors)::
 ``partition`` keys: ``scheme`` (iid, dirichlet, pathological), ``clients``,
 ``alpha``, ``shots``, ``min_size``, ``clients_per_domain``,
 ``dataset_options`` (passed to the dataset source, e.g. synthetic sizes).
+
+Partitions follow the run seed by default, as the reference implementation
+draws its few-shot samples and Dirichlet splits per seed: a cell's mean +- std
+over seeds then includes the variance of the partition, not only that of
+training. ``partition_seed = N`` fixes one partition for all seeds (the
+synthetic recipes keep it, their published numbers were measured that way).
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.recipes import read_toml, recipes_dir
 
 AVG = "avg"
+#: ``[table] partition_seed`` value (and the default) for one partition per run seed.
+PARTITION_SEED_RUN = "run"
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _COLUMN_KINDS = ("datasets", "domains")
 
@@ -84,7 +94,7 @@ class PartitionSpec:
     dataset_options: Mapping[str, Any] = field(default_factory=dict)
 
     def settings(self, seed: int) -> PartitionSettings:
-        """The :class:`PartitionSettings` of this spec with the table's partition seed."""
+        """The :class:`PartitionSettings` of this spec, built with partition seed ``seed``."""
         return PartitionSettings(
             scheme=self.scheme,
             num_clients=self.clients,
@@ -145,7 +155,7 @@ class TableRecipe:
     path: Path
     title: str
     seeds: tuple[int, ...]
-    partition_seed: int
+    partition_seed: int | None  # None: one partition per run seed, built with it; N: one partition, seed N
     per_domain: bool
     note: str
     compare_paper: bool
@@ -158,6 +168,25 @@ class TableRecipe:
     def stem(self) -> str:
         """Base name of the report files (``table1``, ``demo``)."""
         return self.path.stem
+
+    @property
+    def per_seed_partitions(self) -> bool:
+        """Whether each run seed has its own partition (built with that seed)."""
+        return self.partition_seed is None
+
+    def partition_seed_for(self, seed: int) -> int:
+        """The seed of the partition that the runs of experiment seed ``seed`` use."""
+        return seed if self.partition_seed is None else self.partition_seed
+
+    def partition_seeds(self) -> tuple[int, ...]:
+        """The distinct partition seeds of the table, in seed order (one when fixed)."""
+        return tuple(dict.fromkeys(self.partition_seed_for(seed) for seed in self.seeds))
+
+    def partition_mode(self) -> str:
+        """How the table's partitions are drawn, as its reports and ``sweep --dry-run`` state it."""
+        if self.partition_seed is None:
+            return "partitions: one per seed (partition seed = run seed)"
+        return f"partitions: fixed, seed {self.partition_seed}"
 
     def dataset(self, key: str) -> DatasetSpec:
         """The dataset entry with this key."""
@@ -239,6 +268,19 @@ def _check_train(path: Path, where: str, overrides: Mapping[str, Any]) -> Mappin
         raise _fail(path, f"{where} sets seed; list experiment seeds in [table] seeds")
     merge_settings(TrainSettings(), overrides, f"table recipe {path} ({where})")
     return dict(overrides)
+
+
+def _partition_seed(path: Path, value: Any) -> int | None:
+    """``[table] partition_seed``: absent or ``"run"`` -> None (per seed), an integer >= 0 -> that fixed seed."""
+    if value is None or value == PARTITION_SEED_RUN:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(
+            path,
+            f"[table] partition_seed must be \"{PARTITION_SEED_RUN}\" (one partition per seed, built with it; the default) "
+            f"or an integer >= 0 (one fixed partition for every seed), got {value!r}",
+        )
+    return value
 
 
 def _paper_value(path: Path, where: str, value: Any) -> PaperValue:
@@ -394,7 +436,7 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
         path=path,
         title=_str(path, "[table] title", meta["title"]),
         seeds=seeds,
-        partition_seed=_int(path, "[table] partition_seed", meta.get("partition_seed", 1)),
+        partition_seed=_partition_seed(path, meta.get("partition_seed")),
         per_domain=per_domain,
         note=str(meta.get("note", "")).strip(),
         compare_paper=compare_paper,

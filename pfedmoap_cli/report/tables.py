@@ -12,7 +12,10 @@ Definitions (PROTOCOL.md section 4):
   variation, the usual reading of a paper's "mean +- std over 3 seeds";
 * only finished runs count, and a cell is reported only when every seed has
   one: a cell short of seeds says how many are missing (and how many are
-  still running or were interrupted) instead of averaging fewer.
+  still running or were interrupted) instead of averaging fewer;
+* each seed's run is the one on that seed's partition (by default built with
+  the run seed, so the std includes the partition's variance; a recipe may
+  fix one partition for all seeds), and the report says which it was.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 
 from pfedmoap_cli.artifacts.metrics import read_metrics
 from pfedmoap_cli.engine.workspace import RunPaths, Workspace
-from pfedmoap_cli.report.cells import DONE, PARTIAL, CellRun, PartitionChoice, cell_runs, find_partitions
+from pfedmoap_cli.report.cells import DONE, PARTIAL, CellRun, TablePartitions, cell_runs, find_partitions
 from pfedmoap_cli.report.runs import summarize_metrics
 from pfedmoap_cli.report.table_recipes import AVG, Column, PaperValue, TableRecipe
 
@@ -81,7 +84,7 @@ class TableReport:
     recipe: TableRecipe
     cells: dict[tuple[str, str, str], CellStat]  # (row, dataset, column key)
     runs: list[CellRun]
-    partitions: dict[str, PartitionChoice | None]
+    partitions: TablePartitions  # (dataset key, partition seed) -> partition, None where none exists yet
     metrics: dict[str, pd.DataFrame] = field(default_factory=dict)  # run id -> metrics of finished runs
 
     def cell(self, row: str, column: Column) -> CellStat:
