@@ -381,3 +381,63 @@ def test_a_client_without_test_images_stops_evaluation_instead_of_being_skipped(
     state = federation.initial_state()
     with pytest.raises(DataError, match="client 1 .*no test samples"):
         federation.evaluate(RoundView(0, frozenset(), state, state, {}))
+
+
+def test_a_first_participation_is_plain_coop_on_the_global_prompt(tiny):
+    """No experts yet: logits = local logits with no lambda factor, and no gating trains (PROTOCOL.md section 2)."""
+    clip, encoder = tiny
+    env = make_env(tiny)
+    method = PFedMoAP(env, PFedMoAPOptions(num_experts=3, gating_dim=16, gating_heads=4, lam=0.5))
+    g = torch.Generator().manual_seed(13)
+    global_ctx = 0.02 * torch.randn(N_CTX, encoder.width, generator=g)
+    pool = 0.02 * torch.randn(4, N_CTX, encoder.width, generator=g)
+    mask = torch.tensor([False, True, True, True])  # others have uploaded; client 0 never has
+    batches = fixed_batches(clip, 14)
+    result = method.train_client(make_job(0, {"ctx": global_ctx, "pool": pool, "pool_mask": mask}, None, batches, round_index=3))
+    assert result.client_state["expert_ids"].tolist() == []
+    (expected,), = reference_sgd([([global_ctx], 0.05, True)], coop_loss(clip, encoder), batches, 3, 0.9, 5e-4)
+    torch.testing.assert_close(result.upload["ctx"], expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- what a run reports (section 4) ------------------------------------------------------------
+def test_run_summary_is_the_last_round_mean_over_clients_and_the_last_five_rounds():
+    import pandas as pd
+
+    from pfedmoap_cli.report.runs import summarize_metrics
+
+    # 8 rounds, 3 clients of 10, 30 and 60 test images; client c's accuracy in round t is (t + 1) * (c + 1) / 40
+    sizes = {0: 10, 1: 30, 2: 60}
+    rows = []
+    for t in range(8):
+        for c, n in sizes.items():
+            base = dict(run_id="r", method="m", dataset="d", partition_sha256="p", seed=1, round=t, client_id=c, domain="", num_examples=n)
+            rows.append({**base, "split": "test", "metric": "accuracy", "value": (t + 1) * (c + 1) / 40})
+            rows.append({**base, "split": "test", "metric": "loss", "value": 9.0})
+    summary = summarize_metrics(pd.DataFrame(rows))
+    # worked out by hand: round t's client mean is (t + 1) * 2 / 40 = (t + 1) / 20
+    assert summary.final_mean_acc == pytest.approx(100 * 8 / 20)
+    assert summary.last5_mean_acc == pytest.approx(100 * (4 + 5 + 6 + 7 + 8) / 5 / 20)  # rounds 3..7
+    assert summary.final_weighted_acc == pytest.approx(100 * 8 * (10 * 1 + 30 * 2 + 60 * 3) / 100 / 40)
+    assert (summary.min_client_acc, summary.max_client_acc) == pytest.approx((100 * 8 / 40, 100 * 24 / 40))
+    assert summary.rounds == 8 and summary.clients == 3
+
+
+# ---- transforms (section 1) -----------------------------------------------------------------------
+def test_test_transform_is_a_bicubic_resize_of_the_short_side_and_a_centre_crop():
+    """Written with PIL alone: short side to the image size (bicubic), centre crop, CLIP normalisation."""
+    import numpy as np
+    from PIL import Image
+
+    from pfedmoap_cli.model.transforms import test_transform
+
+    size, mean, std = 24, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))  # 53 wide, 37 high
+    width = int(size * 53 / 37)
+    resized = image.resize((width, size), Image.BICUBIC)
+    left = int(round((width - size) / 2.0))
+    cropped = np.asarray(resized.crop((left, 0, left + size, size)), dtype=np.float32) / 255.0
+    expected = (torch.from_numpy(cropped).permute(2, 0, 1) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(test_transform(size, mean, std)(image), expected, rtol=0, atol=1e-6)
+    bilinear = np.asarray(image.resize((width, size), Image.BILINEAR).crop((left, 0, left + size, size)), dtype=np.float32) / 255.0
+    assert np.abs(bilinear - cropped).max() > 1e-2  # the interpolation is visible
