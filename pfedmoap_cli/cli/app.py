@@ -61,6 +61,17 @@ app.command("report", help=report_cmd.HELP)(report_cmd.report)
 app.command("sweep", help=sweep_cmd.HELP)(sweep_cmd.sweep)
 
 
+def _is_click_exception(error: BaseException) -> bool:
+    """Whether ``error`` is a click usage/parameter error, from click itself or typer's own copy.
+
+    Recent typer versions ship a private copy of click whose exceptions are not
+    instances of the ``click`` package's classes (older ones use ``click``), so
+    the test is on the class name in the hierarchy, which both share.
+    """
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return "ClickException" in names and callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int)
+
+
 def main() -> None:
     """Console entry point: run the app, turning errors into one-line messages.
 
@@ -88,10 +99,8 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 -- the single place that maps unexpected errors
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
+        if _is_click_exception(error):
+            error.show()  # click's usage line and message; usage errors exit 2
             sys.exit(error.exit_code)
         if debug:
             raise

@@ -1,0 +1,38 @@
+"""Usage errors through the INSTALLED ``pfedmoap`` script: click's usage line, exit 2, never "internal error".
+
+Typer's test runner hides what users see here (recent typer ships its own copy
+of click, whose exceptions the ``click`` package's classes do not match), so
+these tests run the console script that ``pip install`` put next to this
+Python, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).with_name("pfedmoap")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["partition", "--nosuch"], "No such option: --nosuch"),
+        (["train", "--rounds", "abc"], "Invalid value for '--rounds'"),
+        (["nosuchcommand"], "No such command 'nosuchcommand'"),
+        (["sweep"], "Missing option '--table'"),
+    ],
+)
+def test_usage_errors_show_usage_and_exit_2(tmp_path, args, message):
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    env = {k: v for k, v in os.environ.items() if k != "PFEDMOAP_DEBUG"}
+    done = subprocess.run([str(SCRIPT), "--workspace", str(tmp_path / "ws"), *args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert message in done.stderr, done.stderr
+    assert done.stderr.startswith("Usage: pfedmoap"), done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
