@@ -36,3 +36,20 @@ def test_usage_errors_show_usage_and_exit_2(tmp_path, args, message):
     assert message in done.stderr, done.stderr
     assert done.stderr.startswith("Usage: pfedmoap"), done.stderr
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["download", "partition", "train", "evaluate", "report", "sweep"])
+def test_help_keeps_bracketed_words(command):
+    """Help is plain text: TOML table names such as "[train]" are printed, not eaten as rich markup."""
+    import re
+
+    from pfedmoap_cli.cli import app as app_module
+
+    module = getattr(app_module, f"{command}_cmd")
+    words = set(re.findall(r"\[[a-z_.]+\]", module.HELP))
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    done = subprocess.run([str(SCRIPT), command, "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    for word in words:
+        assert word in done.stdout, (word, done.stdout)

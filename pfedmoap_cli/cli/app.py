@@ -27,6 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain text: "[train]" is a TOML table name, not rich markup
+    # (in markup mode rich swallowed it as an unknown style tag).
+    rich_markup_mode=None,
 )
 
 
