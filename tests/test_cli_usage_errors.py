@@ -53,3 +53,32 @@ def test_help_keeps_bracketed_words(command):
     assert done.returncode == 0, done.stderr
     for word in words:
         assert word in done.stdout, (word, done.stdout)
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in {"PFEDMOAP_DEBUG", "PFEDMOAP_WORKSPACE", "PFEDMOAP_DATA"}}
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+SMALL_SYNTHETIC = ("--dataset", "synthetic", "--iid", "--clients", "2", "--option", "train_per_class=1", "--option", "test_per_class=1")
+
+
+def test_shared_options_work_after_the_subcommand_and_win_over_those_before(tmp_path):
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    # after the subcommand only
+    done = _run("partition", *SMALL_SYNTHETIC, "--workspace", str(tmp_path / "after"), "--data-root", str(tmp_path / "data"), "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "after" / "partitions").glob("synthetic-iid-*.json"))
+    # before and after: the one after the subcommand is used, the one before is left alone
+    done = _run("--workspace", str(tmp_path / "before"), "partition", *SMALL_SYNTHETIC, "--workspace", str(tmp_path / "both"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "both" / "partitions").glob("*.json")) and not (tmp_path / "before").exists()
+    # before only still works, and nothing lands in the default workspace
+    done = _run("--workspace", str(tmp_path / "front"), "partition", *SMALL_SYNTHETIC, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "front" / "partitions").glob("*.json")) and not (tmp_path / "pfedmoap-workspace").exists()
+    # every subcommand lists them
+    for command in ("download", "partition", "train", "evaluate", "report", "sweep"):
+        text = _run(command, "--help", cwd=tmp_path).stdout
+        assert "--workspace" in text and "--data-root" in text and "--quiet" in text, command

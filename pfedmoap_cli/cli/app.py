@@ -12,6 +12,7 @@ import typer
 from pfedmoap_cli import __version__
 from pfedmoap_cli.cli import download_cmd, evaluate_cmd, partition_cmd, report_cmd, sweep_cmd, train_cmd
 from pfedmoap_cli.cli.context import CliContext
+from pfedmoap_cli.cli.shared_options import DATA_ROOT_HELP, QUIET_HELP, WORKSPACE_HELP, with_shared_options
 from pfedmoap_cli.errors import UserError
 
 app = typer.Typer(
@@ -44,24 +45,25 @@ def main_options(
     ctx: typer.Context,
     workspace: Annotated[
         Path,
-        typer.Option("--workspace", "-w", envvar="PFEDMOAP_WORKSPACE", help="Workspace folder for partitions, runs, caches and reports."),
+        typer.Option("--workspace", "-w", envvar="PFEDMOAP_WORKSPACE", help=WORKSPACE_HELP),
     ] = Path("pfedmoap-workspace"),
     data_root: Annotated[
-        Path, typer.Option("--data-root", envvar="PFEDMOAP_DATA", help="Folder holding the datasets.")
+        Path, typer.Option("--data-root", envvar="PFEDMOAP_DATA", help=DATA_ROOT_HELP)
     ] = Path("data"),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
 ) -> None:
     """Options shared by every subcommand."""
     ctx.obj = CliContext(workspace=workspace, data_root=data_root, progress=not quiet)
 
 
-app.command("download", help=download_cmd.HELP)(download_cmd.download)
-app.command("partition", help=partition_cmd.HELP)(partition_cmd.partition)
-app.command("train", help=train_cmd.HELP)(train_cmd.train)
-app.command("evaluate", help=evaluate_cmd.HELP)(evaluate_cmd.evaluate)
-app.command("report", help=report_cmd.HELP)(report_cmd.report)
-app.command("sweep", help=sweep_cmd.HELP)(sweep_cmd.sweep)
+# Every subcommand also takes --workspace, --data-root and --quiet after its name.
+app.command("download", help=download_cmd.HELP)(with_shared_options(download_cmd.download))
+app.command("partition", help=partition_cmd.HELP)(with_shared_options(partition_cmd.partition))
+app.command("train", help=train_cmd.HELP)(with_shared_options(train_cmd.train))
+app.command("evaluate", help=evaluate_cmd.HELP)(with_shared_options(evaluate_cmd.evaluate))
+app.command("report", help=report_cmd.HELP)(with_shared_options(report_cmd.report))
+app.command("sweep", help=sweep_cmd.HELP)(with_shared_options(sweep_cmd.sweep))
 
 
 def _is_click_exception(error: BaseException) -> bool:
