@@ -143,6 +143,17 @@ def test_unknown_table(cli):
     assert "unknown table '5'" in message and "demo" in message
 
 
+# One round of one epoch on the tiny random CLIP: the [train] table of the tables below.
+ONE_ROUND_TINY = """[train]
+rounds = 1
+local_epochs = 1
+batch_size = 8
+n_ctx = 2
+backbone = "tiny-vit"
+pretrained = "none"
+"""
+
+
 TWO_PARTITIONS_TABLE = """
 [table]
 title = "One dataset, two partitions"
@@ -150,14 +161,7 @@ seeds = [1]
 partition_seed = 2
 columns = "datasets"
 compare_paper = false
-[train]
-rounds = 1
-local_epochs = 1
-batch_size = 8
-n_ctx = 2
-backbone = "tiny-vit"
-pretrained = "none"
-[[datasets]]
+{one_round_tiny}[[datasets]]
 name = "synthetic"
 key = "synthetic-patho"
 label = "Pathological"
@@ -170,7 +174,7 @@ partition = { scheme = "dirichlet", clients = 3, alpha = 0.5, min_size = 1, data
 [[rows]]
 key = "promptfl"
 method = "promptfl"
-"""
+""".replace("{one_round_tiny}", ONE_ROUND_TINY)
 
 
 def test_one_dataset_under_two_partitions_gives_two_columns(cli, tmp_path):
@@ -239,14 +243,7 @@ title = "Per-seed partitions"
 seeds = [1, 2]
 columns = "datasets"
 compare_paper = false
-[train]
-rounds = 1
-local_epochs = 1
-batch_size = 8
-n_ctx = 2
-backbone = "tiny-vit"
-pretrained = "none"
-[[datasets]]
+{one_round_tiny}[[datasets]]
 name = "synthetic"
 partition = { scheme = "dirichlet", clients = 3, alpha = 0.5, min_size = 1, dataset_options = { train_per_class = 1, test_per_class = 1 } }
 [[rows]]
@@ -255,7 +252,7 @@ method = "zsclip"
 [[rows]]
 key = "promptfl"
 method = "promptfl"
-"""
+""".replace("{one_round_tiny}", ONE_ROUND_TINY)
 
 PER_SEED_MODE = "partitions: one per seed (partition seed = run seed)"
 

@@ -27,22 +27,29 @@ class ClientTrainImages(Dataset):
 
 
 def epoch_batches(
-    dataset: ClientTrainImages, batch_size: int, generator: torch.Generator, device: torch.device, num_workers: int = 0
+    dataset: ClientTrainImages,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    num_workers: int = 0,
+    shuffle: bool = True,
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """A function yielding one shuffled epoch of (images, labels) on ``device`` per call.
+    """A function yielding one epoch of (images, labels) on ``device`` per call.
 
-    The shuffle order comes from ``generator``. Augmentation draws from the
-    global torch RNG, seeded by the engine per (round, client); with worker
-    processes each worker's RNG is seeded from ``generator`` instead, which is
-    just as reproducible but gives other draws (so ``num_workers`` is part of
-    a run's identity).
+    The shuffle order comes from ``generator`` (which the DataLoader also
+    draws its base seed from: without one it would draw from the GLOBAL torch
+    RNG, which seeds augmentation). Augmentation draws from the global torch
+    RNG, seeded by the engine per (round, client); with worker processes each
+    worker's RNG is seeded from ``generator`` instead, which is just as
+    reproducible but gives other draws (so ``num_workers`` is part of a run's
+    identity).
     """
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=True,
+            shuffle=shuffle,
             generator=generator,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
@@ -58,23 +65,9 @@ def ordered_batches(
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """A function yielding the whole ``dataset`` once, in index order, per call.
 
-    No shuffling and no random stream: meant for a deterministic transform
-    (the test transform), so the same images give the same batches every
-    time and nothing else's random draws move.
+    No shuffling and no draw from any shared random stream (a private
+    generator): meant for a deterministic transform (the test transform), so
+    the same images give the same batches every time and nothing else's
+    random draws move.
     """
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # A DataLoader without a generator draws its base seed from the GLOBAL
-        # torch RNG (which seeds augmentation); a private one leaves it untouched.
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            generator=torch.Generator(),
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        for images, labels in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    return batches
+    return epoch_batches(dataset, batch_size, torch.Generator(), device, num_workers, shuffle=False)
