@@ -169,6 +169,17 @@ class TestBadInput:
         assert "no run" in one_line_error(cli("train", "--resume", "--run-id", "nope"))
         assert "to resume" in one_line_error(cli(*TRAIN, "--resume"))
 
+    def test_resume_takes_every_setting_but_the_device_from_the_run(self, cli, tmp_path):
+        """The evaluation batch is part of a run too (FedOTP solves its transport per batch)."""
+        assert partition_small(cli, "--iid").exit_code == 0
+        first = cli(*TRAIN, "--stop-after", "1")
+        assert first.exit_code == 0, first.stderr
+        (run_dir,) = (tmp_path / "ws" / "runs").iterdir()
+        message = one_line_error(cli("train", "--resume", "--run-id", run_dir.name, "--eval-batch-size", "7"))
+        assert "drop --eval-batch-size" in message
+        resumed = cli("train", "--resume", "--run-id", run_dir.name, "--device", "cpu")
+        assert resumed.exit_code == 0, resumed.stderr
+
     def test_no_partition_yet(self, cli):
         assert "pfedmoap partition" in one_line_error(cli("train"))
 
