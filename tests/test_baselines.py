@@ -87,12 +87,36 @@ def job(client_id: int, server_state, client_state, batches, round_index: int = 
     )
 
 
+def download_job(method, client_id: int, server_state, client_state, batches, round_index: int = 0) -> ClientJob:
+    """A client's job as the engine builds it: from the method's download of ``server_state``, not the whole state."""
+    return job(client_id, method.client_download(server_state, client_id, round_index), client_state, batches, round_index)
+
+
 def view(round_index, participants, start, end, client_states) -> RoundView:
     return RoundView(round_index, frozenset(participants), start, end, client_states)
 
 
 def fedavg(tensors, weights):
     return sum(t.double() * w for t, w in zip(tensors, weights)) / sum(weights)
+
+
+# ---- CoOp ----------------------------------------------------------------------------------
+def test_coop_sends_nothing_and_a_client_starts_from_the_run_initial_prompt(towers):
+    from pfedmoap_cli.methods.coop import CoOp
+
+    env = make_env(towers["vit"])
+    method = CoOp(env)
+    start = method.initial_state()
+    assert set(start) == {"init_ctx"} and method.client_download(start, 1, 0) == {}
+    batches = data(env.clip, 15)
+    first = method.train_client(download_job(method, 1, start, None, batches))
+    assert first.upload == {} and set(first.client_state) == {"ctx"}
+    expected, _ = train_prompt(method, job(1, {}, None, batches), start["init_ctx"])
+    assert torch.equal(first.client_state["ctx"], expected)
+    # later rounds continue from the client's own prompt
+    again = method.train_client(download_job(method, 1, start, first.client_state, batches, round_index=1))
+    expected, _ = train_prompt(method, job(1, {}, None, batches, round_index=1), first.client_state["ctx"])
+    assert torch.equal(again.client_state["ctx"], expected) and not torch.equal(expected, first.client_state["ctx"])
 
 
 # ---- PromptFL+FT --------------------------------------------------------------------------
@@ -103,10 +127,11 @@ def test_promptfl_ft_federation_is_promptfl_and_scoring_uses_the_fine_tuned_prom
     method, plain = PromptFLFineTune(env), PromptFL(env)
     start = method.initial_server_state(torch.Generator().manual_seed(0))
     batches = {0: data(env.clip, 0), 1: data(env.clip, 1, n=3)}
-    results = {c: method.train_client(job(c, start, None, batches[c])) for c in batches}
+    results = {c: method.train_client(download_job(method, c, start, None, batches[c])) for c in batches}
     end = method.aggregate(start, results, 0)
     for c in batches:
-        assert torch.equal(results[c].upload["ctx"], plain.train_client(job(c, start, None, batches[c])).upload["ctx"])
+        assert set(method.client_download(start, c, 0)) == {"ctx"}
+        assert torch.equal(results[c].upload["ctx"], plain.train_client(download_job(plain, c, start, None, batches[c])).upload["ctx"])
     assert torch.allclose(end["ctx"].double(), fedavg([results[c].upload["ctx"] for c in (0, 1)], [6, 3]), atol=1e-7)
     states = {c: method.personalize_client(job(c, end, None, batches[c])) for c in batches}
     evaluator = method.evaluator(view(0, {0, 1}, start, end, states))
@@ -144,9 +169,11 @@ def test_fedprox_term_reaches_the_optimiser(towers):
     env = make_env(towers["vit"], LocalTraining(local_epochs=1, lr=lr, momentum=0.0, weight_decay=0.0))
     start = PromptFL(env).initial_server_state(torch.Generator().manual_seed(0))
     batches = data(env.clip, 3)
-    one_step = PromptFL(env).train_client(job(0, start, None, batches[:1])).upload["ctx"]
-    plain = PromptFL(env).train_client(job(0, start, None, batches)).upload["ctx"]
-    prox = FedProx(env, FedProxOptions(mu=mu)).train_client(job(0, start, None, batches)).upload["ctx"]
+    fedprox = FedProx(env, FedProxOptions(mu=mu))
+    assert set(fedprox.client_download(start, 0, 0)) == {"ctx"}  # the global prompt is the proximal anchor
+    one_step = PromptFL(env).train_client(download_job(PromptFL(env), 0, start, None, batches[:1])).upload["ctx"]
+    plain = PromptFL(env).train_client(download_job(PromptFL(env), 0, start, None, batches)).upload["ctx"]
+    prox = fedprox.train_client(download_job(fedprox, 0, start, None, batches)).upload["ctx"]
     expected = -lr * mu * (one_step - start["ctx"])
     assert expected.abs().max() > 1e-4
     assert torch.allclose(prox - plain, expected, atol=1e-6)
@@ -163,15 +190,18 @@ def test_fedper_uploads_and_averages_only_the_shared_half(towers):
     env = make_env(towers["vit"])
     method = FedPer(env)
     assert method.shared == N_CTX // 2
-    start = method.initial_server_state(torch.Generator().manual_seed(0))
+    start = method.initial_state()  # a client starts its personal half from it without the server sending it
     assert start["ctx_shared"].shape == (2, 64) and start["personal_init"].shape == (2, 64)
     batches = {0: data(env.clip, 4), 2: data(env.clip, 5, n=3)}
-    results = {c: method.train_client(job(c, start, None, batches[c])) for c in batches}
+    for c in batches:
+        download = method.client_download(start, c, 0)
+        assert set(download) == {"ctx_shared"} and torch.equal(download["ctx_shared"], start["ctx_shared"])
+    results = {c: method.train_client(download_job(method, c, start, None, batches[c])) for c in batches}
     for c, result in results.items():
         assert set(result.upload) == {"ctx_shared"} and result.upload["ctx_shared"].shape == (2, 64)
+        assert result.upload["ctx_shared"].dtype == torch.float32  # 2 x 64 float32 up: the shared half only
         assert set(result.client_state) == {"personal"} and result.client_state["personal"].shape == (2, 64)
         assert not torch.equal(result.client_state["personal"], start["personal_init"])
-        assert result.bytes_up == 2 * 64 * 4
     # the shared and personal halves are one trained context: the same as training [shared ; personal] with PromptFL
     whole = PromptFL(env).train_client(job(0, {"ctx": torch.cat([start["ctx_shared"], start["personal_init"]])}, None, batches[0]))
     assert torch.equal(torch.cat([results[0].upload["ctx_shared"], results[0].client_state["personal"]]), whole.upload["ctx"])
@@ -223,28 +253,42 @@ def test_fedamp_message_uses_the_round_start_pool_without_the_client_itself(towe
     state = method.initial_server_state(g)
     state["pool"] = torch.randn(state["pool"].shape, generator=g)
     state["in_pool"] = torch.tensor([True, True, False, True])
-    own = torch.randn(N_CTX, 64, generator=g)
-    u = method.message(state, 0, own)
+    own = state["pool"][0]  # the client's own prompt is its last upload, which the pool keeps exactly
+    u = method.message(state, 0)
     w = attention_weights(own, state["pool"][[1, 3]], 5.0, 0.3)
     expected = w[0] * own.double() + w[1] * state["pool"][1].double() + w[2] * state["pool"][3].double()
     assert torch.allclose(u.double(), expected, atol=1e-6)
-    assert torch.equal(method.message({**state, "in_pool": torch.zeros(4, dtype=torch.bool)}, 0, own), own)
+    # the client receives u_0 and nothing else: the pool stays on the server
+    download = method.client_download(state, 0, 3)
+    assert set(download) == {"u"} and torch.equal(download["u"], u) and download["u"].shape == (N_CTX, 64)
+    # before its first upload a client's own prompt is the initial one
+    w = attention_weights(state["ctx_init"], state["pool"][[0, 1, 3]], 5.0, 0.3)
+    expected = w[0] * state["ctx_init"].double() + sum(w[1 + k] * state["pool"][j].double() for k, j in enumerate((0, 1, 3)))
+    assert torch.allclose(method.message(state, 2).double(), expected, atol=1e-6)
+    assert torch.equal(method.message({**state, "in_pool": torch.zeros(4, dtype=torch.bool)}, 0), state["ctx_init"])
 
 
 def test_fedamp_round_keeps_personal_prompts_and_a_pool(towers):
     env = make_env(towers["vit"], num_clients=3)
     method = FedAMP(env)
-    start = method.initial_server_state(torch.Generator().manual_seed(0))
+    start = method.initial_state()  # a first-time client starts from its ctx_init without the server sending it
     batches = {0: data(env.clip, 6), 1: data(env.clip, 7)}
-    results = {c: method.train_client(job(c, start, None, batches[c])) for c in batches}
+    results = {c: method.train_client(download_job(method, c, start, None, batches[c])) for c in batches}
+    # round 0: nobody is in the pool, so u = ctx_init; training starts from ctx_init too
+    for c in batches:
+        assert torch.equal(method.client_download(start, c, 0)["u"], start["ctx_init"])
+        pull = proximal_term(start["ctx_init"], method.options.lam)
+        first, _ = train_prompt(method, job(c, {}, None, batches[c]), start["ctx_init"], extra_loss=pull)
+        assert torch.equal(results[c].upload["ctx"], first)
     end = method.aggregate(start, results, 0)
     assert end["in_pool"].tolist() == [True, True, False]
     for c in batches:
         assert torch.equal(end["pool"][c], results[c].upload["ctx"])
         assert torch.equal(results[c].client_state["ctx"], results[c].upload["ctx"])
     # round 1: client 0 is pulled towards u_0 = 0.5 ctx_0 + 0.5 ctx_1 and starts from its own prompt
-    again = method.train_client(job(0, end, results[0].client_state, batches[0], round_index=1))
-    u = method.message(end, 0, results[0].client_state["ctx"])
+    again = method.train_client(download_job(method, 0, end, results[0].client_state, batches[0], round_index=1))
+    u = method.message(end, 0)
+    assert torch.equal(method.client_download(end, 0, 1)["u"], u)
     assert torch.allclose(u, 0.5 * results[0].upload["ctx"] + 0.5 * results[1].upload["ctx"], atol=1e-6)
     reference = FedProx(env, FedProxOptions(mu=1.0))  # same loss: CE + (1/2)||ctx - u_0||^2, from the own prompt
     ctx, _ = train_prompt(reference, job(0, end, None, batches[0], round_index=1), results[0].client_state["ctx"], extra_loss=proximal_term(u, 1.0))
@@ -262,9 +306,9 @@ def test_pfedprompt_memory_and_attention_never_leave_the_client(towers):
     method = PFedPrompt(env)
     start = method.initial_server_state(torch.Generator().manual_seed(0))
     batches = data(env.clip, 8)
-    first = method.train_client(job(0, start, None, batches))
-    assert set(first.upload) == {"ctx"} and first.upload["ctx"].shape == (N_CTX, 64)
-    assert first.bytes_up == N_CTX * 64 * 4
+    assert set(method.client_download(start, 0, 0)) == {"ctx"}  # down: the global prompt only
+    first = method.train_client(download_job(method, 0, start, None, batches))
+    assert set(first.upload) == {"ctx"} and first.upload["ctx"].shape == (N_CTX, 64) and first.upload["ctx"].dtype == torch.float32
     state = first.client_state
     assert set(state) == {"memory_features", "memory_labels", "attn_q", "attn_k"}
     images = torch.cat([b[0] for b in batches])
@@ -273,7 +317,7 @@ def test_pfedprompt_memory_and_attention_never_leave_the_client(towers):
     end = method.aggregate(start, {0: first}, 0)
     assert set(end) == {"ctx"} and torch.equal(end["ctx"], first.upload["ctx"])
     # the next round reuses the memory and keeps training the attention
-    second = method.train_client(job(0, end, state, batches, round_index=1))
+    second = method.train_client(download_job(method, 0, end, state, batches, round_index=1))
     assert set(second.upload) == {"ctx"}
     assert torch.equal(second.client_state["memory_features"], state["memory_features"])
     assert not torch.equal(second.client_state["attn_q"], state["attn_q"])
@@ -394,10 +438,13 @@ def test_fedotp_logits_match_a_plain_loop(towers, tower):
 def test_fedotp_round_uploads_the_global_prompt_and_keeps_the_local_one(towers):
     env = make_env(towers["rn"])
     method = FedOTP(env)
-    start = method.initial_server_state(torch.Generator().manual_seed(0))
+    start = method.initial_state()  # a client starts its local prompt from it without the server sending it
     assert not torch.equal(start["ctx"], start["local_init"])
     batches = {0: data(env.clip, 13), 1: data(env.clip, 14, n=3)}
-    results = {c: method.train_client(job(c, start, None, batches[c])) for c in batches}
+    for c in batches:
+        download = method.client_download(start, c, 0)
+        assert set(download) == {"ctx"} and torch.equal(download["ctx"], start["ctx"])
+    results = {c: method.train_client(download_job(method, c, start, None, batches[c])) for c in batches}
     for result in results.values():
         assert set(result.upload) == {"ctx"} and set(result.client_state) == {"local_ctx"}
         assert not torch.equal(result.upload["ctx"], start["ctx"])
@@ -415,6 +462,12 @@ def test_fedotp_round_uploads_the_global_prompt_and_keeps_the_local_one(towers):
             assert torch.allclose(evaluator.logits(c, tokens), ot_logits(tokens[:, 1:], text, env.logit_scale, method.options), atol=1e-5)
     with pytest.raises(ConfigError, match="local image tokens"):
         evaluator.logits(0, env.clip.encode_images(images))
+    # with a zero learning rate nothing moves: a first-time client starts from the downloaded global prompt and
+    # the initial local prompt of the run (method.initial_state(), never sent)
+    frozen = FedOTP(make_env(env.clip, LocalTraining(local_epochs=1, lr=0.0)))
+    origin = frozen.initial_state()
+    still = frozen.train_client(download_job(frozen, 0, {**origin, "ctx": end["ctx"]}, None, batches[0]))
+    assert torch.equal(still.upload["ctx"], end["ctx"]) and torch.equal(still.client_state["local_ctx"], origin["local_init"])
 
 
 def test_fedotp_end_to_end_with_token_test_features(cli, tmp_path):

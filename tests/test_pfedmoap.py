@@ -151,10 +151,17 @@ def test_one_sgd_step_matches_plain_computation(tiny):
     client_state = {"ctx": pool[0].clone(), "expert_ids": torch.tensor([1]), **own_gating}
     images = torch.randn(6, 3, clip.image_size, clip.image_size, generator=g)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    job = ClientJob(0, 4, server, client_state, lambda: [(images, labels)], 6, torch.Generator().manual_seed(0))
+    download = method.client_download(server, 0, 4)
+    job = ClientJob(0, 4, download, client_state, lambda: [(images, labels)], 6, torch.Generator().manual_seed(0))
     result = method.train_client(job)
 
     expected_ids = [2, 4, 1]  # nearest three, closest first
+    # the client receives the global prompt and exactly its three experts' prompts, nothing else of the pool
+    assert set(download) == {"ctx", "experts", "expert_ids"}
+    assert torch.equal(download["ctx"], global_ctx)
+    assert download["expert_ids"].dtype == torch.int64 and download["expert_ids"].tolist() == expected_ids
+    assert download["experts"].shape == (3, 2, 64) and torch.equal(download["experts"], pool[expected_ids])
+    assert tensor_bytes(download) == 4 * tensor_bytes({"c": global_ctx}) + 8 * 3
     assert result.client_state["expert_ids"].tolist() == expected_ids
     # plain computation: the prompt starts from the GLOBAL prompt, experts are constants
     ctx = global_ctx.clone().requires_grad_(True)
@@ -175,7 +182,8 @@ def test_one_sgd_step_matches_plain_computation(tiny):
         expected = p.detach() - 0.3 * (p.grad + wd * p.detach())
         torch.testing.assert_close(result.client_state[f"gating.{name}"], expected, rtol=1e-4, atol=1e-7)
         assert not torch.equal(result.client_state[f"gating.{name}"], own_gating[f"gating.{name}"])
-    assert result.bytes_down == 4 * tensor_bytes({"c": global_ctx}) and result.bytes_up == tensor_bytes({"c": global_ctx})
+    # only the trained prompt goes back up: no gating, no expert
+    assert set(result.upload) == {"ctx"} and result.upload["ctx"].shape == (2, 64) and result.upload["ctx"].dtype == torch.float32
 
 
 def test_optimiser_groups(tiny, monkeypatch):
@@ -186,7 +194,9 @@ def test_optimiser_groups(tiny, monkeypatch):
     monkeypatch.setattr(module, "run_local_epochs", lambda batches, groups, *rest: seen.append(groups) or 0.0)
     method = make_method(tiny, num_experts=2, gating_lr=0.01)
     server = {"ctx": torch.zeros(2, 64), "pool": torch.randn(5, 2, 64), "pool_mask": torch.ones(5, dtype=torch.bool)}
-    method.train_client(ClientJob(0, 1, server, None, lambda: [], 1, torch.Generator()))
+    download = method.client_download(server, 0, 1)
+    assert download["experts"].shape == (2, 2, 64)
+    method.train_client(ClientJob(0, 1, download, None, lambda: [], 1, torch.Generator()))
     prompt, gating = seen[0]
     assert prompt["lr"] == method.env.training.lr and prompt["cosine"] is True and len(prompt["params"]) == 1
     assert gating["lr"] == 0.01 and not gating.get("cosine", False) and len(gating["params"]) == 8
@@ -199,7 +209,9 @@ def test_gradients_reach_only_local_prompt_and_gating(tiny):
     pool = 0.02 * torch.randn(5, 2, 64, generator=g)
     server = {"ctx": pool[0].clone(), "pool": pool, "pool_mask": torch.ones(5, dtype=torch.bool)}
     ids = method.experts_for(server, 0, 0)
-    experts = method.expert_features(server, ids, 0)
+    download = method.client_download(server, 0, 0)
+    assert download["expert_ids"].tolist() == ids and torch.equal(download["experts"], pool[ids])
+    experts = method.expert_features(download, 0)
     assert len(ids) == 2 and not experts.requires_grad and experts.grad_fn is None
     ctx = torch.nn.Parameter(pool[0].clone())
     gating = method.new_gating(0)
@@ -244,6 +256,7 @@ def test_random_selection_is_seeded_and_order_independent(tiny):
 
 
 def test_round_is_order_independent_and_cache_is_exact(tiny):
+    clip, encoder = tiny
     method = make_method(tiny, num_experts=2)
     g = torch.Generator().manual_seed(2)
     pool = 0.02 * torch.randn(5, 2, 64, generator=g)
@@ -251,11 +264,20 @@ def test_round_is_order_independent_and_cache_is_exact(tiny):
     images = torch.randn(4, 3, 32, 32, generator=g)
     labels = torch.tensor([0, 1, 2, 3])
 
+    downloads = {c: method.client_download(server, c, 1) for c in (0, 3, 4)}
+
     def job(c):
-        return ClientJob(c, 1, server, None, lambda: [(images, labels)], 4, torch.Generator().manual_seed(c))
+        return ClientJob(c, 1, downloads[c], None, lambda: [(images, labels)], 4, torch.Generator().manual_seed(c))
 
     method.prepare_round(1, server, (0, 3, 4))
     assert sorted(method._cache.rows) == sorted({j for c in (0, 4) for j in method.experts_for(server, c, 1)})
+    # the cache serves only the very prompts a client received: different prompts under the same ids are encoded afresh
+    with torch.no_grad():
+        cached = method.expert_features(downloads[0], 1)
+        torch.testing.assert_close(cached, encoder.encode_many(downloads[0]["experts"]), rtol=1e-5, atol=1e-6)
+        forged = {**downloads[0], "experts": downloads[0]["experts"] + 0.5 * unit(torch.randn(2, 2, 64, generator=g))}
+        torch.testing.assert_close(method.expert_features(forged, 1), encoder.encode_many(forged["experts"]), rtol=1e-5, atol=1e-6)
+        assert (method.expert_features(forged, 1) - cached).abs().max() > 1e-3
     a = {c: method.train_client(job(c)) for c in (0, 3, 4)}
     b = {c: method.train_client(job(c)) for c in (4, 3, 0)}
     uncached = make_method(tiny, num_experts=2, share_expert_features=False)
@@ -266,7 +288,14 @@ def test_round_is_order_independent_and_cache_is_exact(tiny):
             assert torch.equal(value, b[c].client_state[key]), (c, key)
             torch.testing.assert_close(value, d[c].client_state[key], rtol=1e-5, atol=1e-6)
     assert a[3].client_state["expert_ids"].numel() == 0  # first participation
-    assert a[0].bytes_down == 3 * a[3].bytes_down
+    # what each client was sent: the global prompt, plus its two experts once it has a pool entry
+    for c in (0, 3, 4):
+        ids = method.experts_for(server, c, 1)
+        assert len(ids) == (0 if c == 3 else 2) and c not in ids and 3 not in ids
+        assert set(downloads[c]) == {"ctx", "experts", "expert_ids"} and torch.equal(downloads[c]["ctx"], server["ctx"])
+        assert downloads[c]["expert_ids"].tolist() == ids and downloads[c]["experts"].shape == (len(ids), 2, 64)
+        assert torch.equal(downloads[c]["experts"], pool[ids])
+    assert tensor_bytes(downloads[0]) == 3 * tensor_bytes(downloads[3]) + 8 * 2
 
     new = method.aggregate(server, a, 1)
     weighted = sum(a[c].upload["ctx"].double() * 4 for c in (0, 3, 4)) / 12
@@ -295,7 +324,7 @@ def test_evaluation_rules(tiny):
     start_global = 0.02 * torch.randn(2, 64, generator=g)  # the round-start global differs from the round-end one
     gates = {c: {f"gating.{k}": v + 0.01 * c for k, v in method.new_gating(c).state_dict().items()} for c in range(5)}
     states = {
-        1: {"ctx": end_pool[1], "expert_ids": torch.tensor([3, 2]), **gates[1]},
+        1: {"ctx": end_pool[1], "expert_ids": torch.tensor([3, 2]), **gates[1]},  # stale order: the server's choice counts
         2: {"ctx": end_pool[2], "expert_ids": torch.tensor([3]), **gates[2]},  # sat out: stale ids are ignored
         3: {"ctx": end_pool[3], "expert_ids": torch.tensor([2, 1]), **gates[3]},
         4: {"ctx": end_pool[4], "expert_ids": torch.tensor([], dtype=torch.int64), **gates[4]},
@@ -315,6 +344,21 @@ def test_evaluation_rules(tiny):
 
     near = select_experts(end_pool, end_mask, 2, 2, "nearest")
     assert near == [1, 4]  # chosen from the END-of-round pool P_t
+    trained_with = select_experts(start_pool, start_mask, 1, 2, "nearest")
+    assert trained_with == [2, 3]  # participant 1's seeded choice from the round-START pool P_{t-1}
+    # what the server sends each client to be scored with: the round-end global prompt and the experts above
+    downloads = {c: method.evaluation_download(view, c) for c in range(5)}
+    for client, ids, pool in ((0, [], end_pool), (1, trained_with, start_pool), (2, near, end_pool), (3, [2, 1], start_pool), (4, [], start_pool)):
+        download = downloads[client]
+        assert set(download) == {"ctx", "experts", "expert_ids"} and torch.equal(download["ctx"], global_ctx), client
+        assert download["expert_ids"].tolist() == ids and download["experts"].shape == (len(ids), 2, 64), client
+        assert torch.equal(download["experts"], pool[ids]), client
+    assert method.experts_for(view.start_state, 3, 5) == [2, 1]
+    # the server computes them without the clients' states
+    no_states = RoundView(5, view.participants, view.start_state, view.end_state, {})
+    for client in range(5):
+        other = method.evaluation_download(no_states, client)
+        assert set(other) == set(downloads[client]) and all(torch.equal(other[k], downloads[client][k]) for k in other)
     cases = {
         0: expected(global_ctx, [], 0),  # never trained: global prompt, no experts
         1: expected(end_pool[1], [start_pool[3], start_pool[2]], 1),  # participant: its experts, round-start pool
@@ -330,7 +374,7 @@ def test_evaluation_rules(tiny):
     assert (expected(start_global, [], 0) - cases[0]).abs().max() > 1e-3  # never trained: the round-END global
     assert evaluator.extra_metrics(0, features) == {} and evaluator.extra_metrics(4, features) == {}
     attention = evaluator.extra_metrics(1, features)
-    assert list(attention) == ["attention_c0001", "attention_c0003", "attention_c0002"]
+    assert list(attention) == ["attention_c0001", "attention_c0002", "attention_c0003"]  # local first, then trained_with
     assert sum(attention.values()) == pytest.approx(1.0, abs=1e-6)
     assert list(evaluator.extra_metrics(2, features)) == ["attention_c0002", "attention_c0001", "attention_c0004"]
 
@@ -389,8 +433,10 @@ def test_cli_train_partial_participation(cli, tmp_path):
         assert f"attention_c{client:04d}" in set(group.metric) and len(group) <= 4
     train = metrics[metrics.split == "train"]
     assert train.groupby("round")["client_id"].nunique().tolist() == [4, 4, 4]
+    # down: the global prompt and k <= 3 expert prompts (2 x 64 float32 each) with their int64 client ids; up: one prompt
     down = train[train.metric == "bytes_down"]["value"]
-    assert set(down) <= {2 * 64 * 4 * (1 + k) for k in range(4)} and down.max() == 2 * 64 * 4 * 4
+    assert set(down) <= {2 * 64 * 4 * (1 + k) + 8 * k for k in range(4)} and down.max() == 2 * 64 * 4 * 4 + 8 * 3
+    assert set(train[train.metric == "bytes_up"]["value"]) == {2 * 64 * 4}
     ckpt = run_dir / "checkpoints" / "round-0002"
     assert (ckpt / "global.safetensors").is_file() and len(list(ckpt.glob("client-*.safetensors"))) >= 4
 

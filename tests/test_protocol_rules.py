@@ -135,10 +135,12 @@ def test_pfedmoap_update_follows_the_protocol_optimiser_groups(tiny):
     own = {f"gating.{k}": v for k, v in method.new_gating(0).state_dict().items()}
     state = {"ctx": pool[0].clone(), "expert_ids": torch.tensor([1]), **own}
     batches = fixed_batches(clip, 5)
-    result = method.train_client(make_job(0, server, state, batches, round_index=2))
+    download = method.client_download(server, 0, 2)
+    result = method.train_client(make_job(0, download, state, batches, round_index=2))
     expert_ids = result.client_state["expert_ids"].tolist()
     distances = {j: float((pool[j] - pool[0]).norm()) for j in (1, 2, 3)}
     assert expert_ids == sorted(distances, key=distances.get)[:2]  # the two nearest, closest first
+    assert download["expert_ids"].tolist() == expert_ids and torch.equal(download["experts"], pool[expert_ids])
     with torch.no_grad():
         experts = encoder(pool[expert_ids])
     names = sorted(k[len("gating.") :] for k in own)
@@ -301,7 +303,8 @@ def test_pfedprompt_memory_is_the_test_transform_features_and_leaves_training_or
     session = session_of(world, "pfedprompt")
     federation = Federation(session, "mem", RunPaths(workspace.run_dir("mem")), progress=False)
     client = session.partition.clients[2]
-    job = federation.client_job(2, 0, federation.initial_state(), None)
+    download = session.method.client_download(federation.initial_state(), 2, 0)
+    job = federation.client_job(2, 0, download, None)
     memory = session.method.build_memory(job)
     transform = session.clip.test_transform()
     samples = [session.train_samples[i] for i in client.train]
@@ -310,10 +313,10 @@ def test_pfedprompt_memory_is_the_test_transform_features_and_leaves_training_or
     torch.testing.assert_close(memory["memory_features"], expected.float(), rtol=1e-5, atol=1e-6)
     assert memory["memory_labels"].tolist() == [s.label for s in samples]
     # building the memory draws from no stream: the training epochs are the same with or without it
-    with_memory = federation.client_job(2, 0, federation.initial_state(), None)
+    with_memory = federation.client_job(2, 0, download, None)
     session.method.build_memory(with_memory)
     first = [(x.clone(), y.clone()) for x, y in with_memory.batches()]
-    plain = federation.client_job(2, 0, federation.initial_state(), None)
+    plain = federation.client_job(2, 0, download, None)
     second = list(plain.batches())
     assert len(first) == len(second)
     for (x1, y1), (x2, y2) in zip(first, second):
@@ -343,8 +346,14 @@ def test_many_prompts_are_encoded_in_bounded_calls(tiny, monkeypatch):
     state = {"ctx": pool[0], "pool": pool, "pool_mask": torch.ones(7, dtype=torch.bool)}
     method.prepare_round(3, state, tuple(range(7)))
     assert calls and max(calls) <= 2 and sum(calls) == 7  # every pool prompt once, two at a time
-    torch.testing.assert_close(method.expert_features(state, [4, 1, 6], 3), whole[[4, 1, 6]], rtol=1e-5, atol=1e-6)
     calls.clear()
+    download = {"ctx": pool[0], "experts": pool[[4, 1, 6]], "expert_ids": torch.tensor([4, 1, 6])}
+    torch.testing.assert_close(method.expert_features(download, 3), whole[[4, 1, 6]], rtol=1e-5, atol=1e-6)
+    assert calls == []  # served from the round's batched pass, not encoded again
+    ids = method.experts_for(state, 2, 3)
+    assert sorted(ids) == [0, 1, 3, 4, 5, 6]  # every other client, nearest first
+    torch.testing.assert_close(method.expert_features(method.client_download(state, 2, 3), 3), whole[ids], rtol=1e-5, atol=1e-6)
+    assert calls == []
     torch.testing.assert_close(encoder.encode_many(pool, max_sequences=3 * len(CLASSES)), whole, rtol=1e-5, atol=1e-6)
     assert calls == [3, 3, 1]
     assert encoder.encode_many(pool, max_sequences=1).shape == whole.shape  # at least one prompt per call
@@ -393,7 +402,10 @@ def test_a_first_participation_is_plain_coop_on_the_global_prompt(tiny):
     pool = 0.02 * torch.randn(4, N_CTX, encoder.width, generator=g)
     mask = torch.tensor([False, True, True, True])  # others have uploaded; client 0 never has
     batches = fixed_batches(clip, 14)
-    result = method.train_client(make_job(0, {"ctx": global_ctx, "pool": pool, "pool_mask": mask}, None, batches, round_index=3))
+    download = method.client_download({"ctx": global_ctx, "pool": pool, "pool_mask": mask}, 0, 3)
+    assert set(download) == {"ctx", "experts", "expert_ids"} and torch.equal(download["ctx"], global_ctx)
+    assert download["experts"].shape == (0, N_CTX, encoder.width) and download["expert_ids"].shape == (0,)
+    result = method.train_client(make_job(0, download, None, batches, round_index=3))
     assert result.client_state["expert_ids"].tolist() == []
     (expected,), = reference_sgd([([global_ctx], 0.05, True)], coop_loss(clip, encoder), batches, 3, 0.9, 5e-4)
     torch.testing.assert_close(result.upload["ctx"], expected, rtol=1e-5, atol=1e-6)

@@ -21,16 +21,16 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from pfedmoap_cli.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics, truncate_metrics
 from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches, ordered_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
+from pfedmoap_cli.engine.recorder import RunRecorder, to_device
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
 from pfedmoap_cli.seeding import derive_seed, sample_clients, torch_generator
 from pfedmoap_cli.engine.session import Session
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import DataError
-from pfedmoap_cli.methods.base import ClientJob, ClientResult, RoundView, State
+from pfedmoap_cli.methods.base import ClientEvaluator, ClientJob, ClientResult, RoundView, State, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,9 @@ class RoundSummary:
     mean_accuracy: float
 
 
-def _clone_state(state: Mapping[str, torch.Tensor]) -> State:
+def clone_state(state: Mapping[str, torch.Tensor]) -> State:
+    """A detached copy of ``state`` (the round-start snapshot every participant trains from)."""
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _to_device(state: Mapping[str, torch.Tensor], device: torch.device) -> State:
-    return {k: v.to(device) for k, v in state.items()}
 
 
 class Federation:
@@ -64,41 +61,23 @@ class Federation:
         self.num_clients = session.partition.num_clients
         self.train_transform = session.clip.train_transform()
         self.test_transform = session.clip.test_transform()
+        self.recorder = RunRecorder(run_id, self.settings, self.partition, session.partition_sha256, paths)
 
     # ---- state -----------------------------------------------------------
     def initial_state(self) -> State:
         """The server state before round 0 (seeded, so evaluate can rebuild it)."""
-        return _to_device(self.method.initial_server_state(torch_generator(self.settings.seed, "init")), self.session.device)
-
-    def _checkpoint_metadata(self, round_index: int, client: str) -> dict[str, str]:
-        settings = self.settings
-        return {
-            "method": settings.method,
-            "round": str(round_index),
-            "client_id": client,
-            "backbone": settings.backbone,
-            "pretrained": settings.pretrained,
-            "partition_sha256": self.session.partition_sha256,
-            "run_id": self.run_id,
-        }
+        return to_device(self.method.initial_state(), self.session.device)
 
     def save_round(self, round_index: int, server_state: State, client_states: Mapping[int, State]) -> None:
         """Write the server checkpoint and one checkpoint per client with state."""
-        save_checkpoint(self.paths.global_checkpoint(round_index), server_state, self._checkpoint_metadata(round_index, "server"))
+        self.recorder.save_server_state(round_index, server_state)
         for client_id, state in client_states.items():
-            save_checkpoint(
-                self.paths.client_checkpoint(round_index, client_id), state, self._checkpoint_metadata(round_index, str(client_id))
-            )
+            self.recorder.save_client_state(round_index, client_id, state)
 
     def load_round(self, round_index: int) -> tuple[State, dict[int, State]]:
         """Read the checkpoints of a complete round back (on this run's device)."""
         device = self.session.device
-        server, _ = load_checkpoint(self.paths.global_checkpoint(round_index))
-        clients: dict[int, State] = {}
-        for path in sorted(self.paths.round_dir(round_index).glob("client-*.safetensors")):
-            tensors, meta = load_checkpoint(path)
-            clients[int(meta["client_id"])] = _to_device(tensors, device)
-        return _to_device(server, device), clients
+        return self.recorder.load_server_state(round_index, device), self.recorder.load_client_states(round_index, device)
 
     # ---- one client ------------------------------------------------------
     def client_job(self, client_id: int, round_index: int, server_state: State, client_state: State | None, stream: str = "") -> ClientJob:
@@ -133,16 +112,25 @@ class Federation:
             plain_batches=ordered_batches(plain, self.settings.eval_batch_size, self.session.device, self.settings.num_workers),
         )
 
-    def train_client(self, client_id: int, round_index: int, server_state: State, client_state: State | None) -> ClientResult:
-        """One client's local update with its own seeds."""
-        return self.method.train_client(self.client_job(client_id, round_index, server_state, client_state))
+    def train_client(self, client_id: int, round_index: int, download: State, client_state: State | None) -> ClientResult:
+        """One client's local update on its download, with its own seeds; its traffic filled in.
+
+        ``download`` is what the server sent (:meth:`FederatedMethod.client_download`).
+        """
+        result = self.method.train_client(self.client_job(client_id, round_index, download, client_state))
+        result.bytes_down, result.bytes_up = tensor_bytes(download), tensor_bytes(result.upload)
+        return result
+
+    def personalize_client(self, client_id: int, round_index: int, server_state: State, client_state: State | None) -> State | None:
+        """One client's post-aggregation personal state (None when the method returns nothing)."""
+        job = self.client_job(client_id, round_index, server_state, client_state, stream="personalize")
+        return self.method.personalize_client(job) or None
 
     def personalize(self, round_index: int, server_state: State, client_states: dict[int, State]) -> dict[int, State]:
         """Every client's post-aggregation personal state (methods with :attr:`personalizes`)."""
         updated = dict(client_states)
         for client_id in tqdm(range(self.num_clients), desc=f"round {round_index} fine-tuning", leave=False, disable=not self.progress):
-            job = self.client_job(client_id, round_index, server_state, client_states.get(client_id), stream="personalize")
-            state = self.method.personalize_client(job)
+            state = self.personalize_client(client_id, round_index, server_state, client_states.get(client_id))
             if state:
                 updated[client_id] = state
         return updated
@@ -150,9 +138,13 @@ class Federation:
     # ---- evaluation ------------------------------------------------------
     def evaluate(self, view: RoundView) -> list[ClientScore]:
         """Score every client on its own test set."""
-        evaluator = self.method.evaluator(view)
+        return self.score_clients(self.method.evaluator(view), range(self.num_clients))
+
+    def score_clients(self, evaluator: ClientEvaluator, client_ids) -> list[ClientScore]:
+        """Score the given clients on their own test sets with ``evaluator``."""
         scores = []
-        for client in self.partition.clients:
+        for client_id in client_ids:
+            client = self.partition.clients[client_id]
             if not client.test:
                 # Partitions refuse empty test sets when they are built and loaded;
                 # skipping one here would average over fewer clients unnoticed.
@@ -170,36 +162,7 @@ class Federation:
 
     def metric_rows(self, round_index: int, scores: list[ClientScore], results: Mapping[int, ClientResult]) -> list[MetricRow]:
         """Long-format rows for one round: test metrics of all, train metrics of participants."""
-        settings, partition = self.settings, self.partition
-
-        def row(client_id: int, split: str, metric: str, value: float, count: int) -> MetricRow:
-            return MetricRow(
-                run_id=self.run_id,
-                method=settings.method,
-                dataset=partition.dataset,
-                partition_sha256=self.session.partition_sha256,
-                seed=settings.seed,
-                round=round_index,
-                client_id=client_id,
-                domain=partition.clients[client_id].domain or "",
-                split=split,
-                metric=metric,
-                value=value,
-                num_examples=count,
-            )
-
-        rows = []
-        for score in scores:
-            rows.append(row(score.client_id, "test", "accuracy", score.accuracy, score.num_examples))
-            rows.append(row(score.client_id, "test", "loss", score.loss, score.num_examples))
-            for name, value in sorted(score.extra.items()):
-                rows.append(row(score.client_id, "test", name, value, score.num_examples))
-        for client_id in sorted(results):
-            result = results[client_id]
-            rows.append(row(client_id, "train", "loss", result.train_loss, result.num_examples))
-            rows.append(row(client_id, "train", "bytes_down", float(result.bytes_down), result.num_examples))
-            rows.append(row(client_id, "train", "bytes_up", float(result.bytes_up), result.num_examples))
-        return rows
+        return self.recorder.metric_rows(round_index, scores, results)
 
     # ---- the loop --------------------------------------------------------
     def run(self, stop_after: int | None = None, on_round: Callable[[RoundSummary], None] | None = None) -> int:
@@ -229,12 +192,13 @@ class Federation:
     def run_round(self, round_index: int, server_state: State, client_states: dict[int, State]):
         """One complete round, persisted; returns the new states and a summary."""
         participants = sample_clients(self.num_clients, self.settings.frac, self.settings.seed, round_index)
-        start_state = _clone_state(server_state)
+        start_state = clone_state(server_state)
         results: dict[int, ClientResult] = {}
         if self.method.trains:
             self.method.prepare_round(round_index, start_state, tuple(participants))
             for client_id in tqdm(participants, desc=f"round {round_index} clients", leave=False, disable=not self.progress):
-                results[client_id] = self.train_client(client_id, round_index, start_state, client_states.get(client_id))
+                download = self.method.client_download(start_state, client_id, round_index)
+                results[client_id] = self.train_client(client_id, round_index, download, client_states.get(client_id))
         # States change only after every participant has trained (order independence).
         new_client_states = dict(client_states)
         for client_id, result in results.items():

@@ -86,12 +86,15 @@ def applicable_options(method: str, defaults: dict) -> dict:
     return {k: v for k, v in defaults.items() if k in known}
 
 
-def open_session(settings: TrainSettings, partition: Partition, partition_sha256: str, data_root: Path, features_cache: Path, progress: bool = True) -> Session:
-    """Assemble a :class:`Session`; raises user errors for anything misconfigured."""
+def build_method(settings: TrainSettings, partition: Partition, device: torch.device | None = None) -> tuple[FrozenClip, FederatedMethod]:
+    """The frozen backbone and the method of a run, without any data.
+
+    What a federation's server needs (it never sees images); :func:`open_session`
+    adds the dataset and the test features.
+    """
     method_cls = get_method(settings.method)
     options = method_options(method_cls, settings.method_options)
-    source = open_partition_dataset(partition, data_root)
-    device = resolve_device(settings.device)
+    device = device if device is not None else resolve_device(settings.device)
     clip = load_backbone(backbone_spec(settings), device=device, amp=settings.amp)
     text_encoder = PromptTextEncoder(
         clip, list(partition.class_names), n_ctx=settings.n_ctx, init_phrase=settings.ctx_init or None, truncate=settings.truncate_prompts
@@ -105,7 +108,15 @@ def open_session(settings: TrainSettings, partition: Partition, partition_sha256
         seed=settings.seed,
         device=device,
     )
-    method = method_cls(env, options)
+    return clip, method_cls(env, options)
+
+
+def open_session(settings: TrainSettings, partition: Partition, partition_sha256: str, data_root: Path, features_cache: Path, progress: bool = True) -> Session:
+    """Assemble a :class:`Session`; raises user errors for anything misconfigured."""
+    method_cls = get_method(settings.method)
+    method_options(method_cls, settings.method_options)  # option errors before the data is opened
+    source = open_partition_dataset(partition, data_root)
+    clip, method = build_method(settings, partition)
     train_samples, test_samples = source.samples("train"), source.samples("test")
     features = cached_image_features(
         clip,
@@ -118,6 +129,6 @@ def open_session(settings: TrainSettings, partition: Partition, partition_sha256
         progress=progress,
         desc="test tokens" if method_cls.needs_local_tokens else "test features",
         tokens=method_cls.needs_local_tokens,
-    ).to(device)
-    labels = torch.tensor([s.label for s in test_samples], dtype=torch.long, device=device)
+    ).to(clip.device)
+    labels = torch.tensor([s.label for s in test_samples], dtype=torch.long, device=clip.device)
     return Session(settings, partition, partition_sha256, source, train_samples, test_samples, clip, method, features, labels)

@@ -5,14 +5,20 @@ maths and the tensors of its server and client state. A method is a handful
 of hooks:
 
 * :meth:`FederatedMethod.initial_server_state` -- the state before round 0;
+* :meth:`FederatedMethod.client_download` -- what the server sends one client
+  for its local update (its own payload: pFedMoAP sends exactly the client's
+  experts). Its tensors are the round's ``bytes_down``;
 * :meth:`FederatedMethod.train_client` -- one client's local update in a round.
-  It reads only the round-start server snapshot and the client's own state,
-  so clients of a round may run in any order (or in parallel);
+  It reads only its download and the client's own state, so clients of a
+  round may run in any order, in parallel, or on other machines;
 * :meth:`FederatedMethod.aggregate` -- the server update from this round's results;
 * :meth:`FederatedMethod.personalize_client` -- optional: after aggregation, a
   client's personal state built on its own data from the NEW server state
   (PromptFL+FT's fine-tuning), for every client, participant or not;
-* :meth:`FederatedMethod.evaluator` -- how every client is scored after the round.
+* :meth:`FederatedMethod.evaluator` -- how every client is scored after the round;
+* :meth:`FederatedMethod.evaluation_download` and
+  :meth:`FederatedMethod.node_evaluator` -- the same scoring split in two, for
+  runtimes that score a client where its state lives (a Flower SuperNode).
 
 State is plain ``dict[str, torch.Tensor]`` so the engine can checkpoint it
 without knowing what it means.
@@ -28,6 +34,7 @@ import torch
 
 from pfedmoap_cli.model.backbone import FrozenClip
 from pfedmoap_cli.model.prompt import PromptTextEncoder
+from pfedmoap_cli.seeding import torch_generator
 
 State = dict[str, torch.Tensor]
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -69,6 +76,9 @@ class ClientJob:
 
     Attributes
     ----------
+    server_state:
+        What the server sent this client for this round: the method's
+        :meth:`FederatedMethod.client_download` of the round-start state.
     batches:
         One shuffled, augmented epoch of the client's training images per call
         (the training transform), seeded per (seed, round, client).
@@ -92,7 +102,11 @@ class ClientJob:
 
 @dataclass
 class ClientResult:
-    """What a client's local update produced."""
+    """What a client's local update produced.
+
+    ``bytes_down`` and ``bytes_up`` are filled in by the runtime from the
+    tensors it actually sent (the client's download) and received (``upload``).
+    """
 
     upload: State
     client_state: State
@@ -100,13 +114,6 @@ class ClientResult:
     train_loss: float
     bytes_down: int = 0
     bytes_up: int = 0
-
-    @classmethod
-    def exchanged(
-        cls, *, downloaded: Mapping[str, torch.Tensor], upload: State, client_state: State, num_examples: int, train_loss: float
-    ) -> "ClientResult":
-        """A result whose traffic is the tensors ``downloaded`` and ``upload``."""
-        return cls(upload, client_state, num_examples, train_loss, tensor_bytes(downloaded), tensor_bytes(upload))
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,26 @@ class FederatedMethod(ABC):
     def initial_server_state(self, generator: torch.Generator) -> State:
         """Server state before round 0 (for example the initial global prompt)."""
 
+    def initial_state(self) -> State:
+        """The run's server state before round 0, on the method's device.
+
+        Seeded by the experiment seed alone (the "init" stream), so every party
+        of a federation can rebuild it: a client starts its personal state from
+        it without the server sending it.
+        """
+        state = self.initial_server_state(torch_generator(self.env.seed, "init"))
+        return {k: v.to(self.env.device) for k, v in state.items()}
+
+    def client_download(self, server_state: Mapping[str, torch.Tensor], client_id: int, round_index: int) -> State:
+        """What the server sends ``client_id`` for its local update in ``round_index``.
+
+        Computed on the server from the round-start state; it becomes
+        ``job.server_state`` and its tensors are the client's ``bytes_down``.
+        The default sends the whole server state; methods whose server keeps
+        per-client data (a pool of prompts) send each client only its share.
+        """
+        return dict(server_state)
+
     def prepare_round(self, round_index: int, start_state: Mapping[str, torch.Tensor], participants: tuple[int, ...]) -> None:
         """Called once before a round's local updates (for work shared by its clients).
 
@@ -185,6 +212,26 @@ class FederatedMethod(ABC):
     @abstractmethod
     def evaluator(self, view: RoundView) -> ClientEvaluator:
         """An evaluator for the federation as it stands after ``view.round_index``."""
+
+    def evaluation_download(self, view: RoundView, client_id: int) -> State:
+        """What the server sends ``client_id`` so the client can be scored where its state is.
+
+        Computed from the server's side of ``view`` only (``view.client_states``
+        is not used: the server does not hold them). The default sends the
+        end-of-round server state. It is also the server state that
+        :meth:`personalize_client` starts from on a node.
+        """
+        return dict(view.end_state)
+
+    def node_evaluator(self, round_index: int, client_id: int, download: Mapping[str, torch.Tensor], client_state: State | None) -> ClientEvaluator:
+        """An evaluator for one client that knows only its own state and its evaluation download.
+
+        The default builds the view such a client sees: the download as the
+        server state and its own state as the only client state. Methods whose
+        evaluators read more of the view override it.
+        """
+        states = {client_id: client_state} if client_state else {}
+        return self.evaluator(RoundView(round_index, frozenset(), dict(download), dict(download), states))
 
 
 _REGISTRY: dict[str, type[FederatedMethod]] = {}

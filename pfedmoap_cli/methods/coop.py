@@ -71,8 +71,12 @@ class CoOp(FederatedMethod):
     def initial_server_state(self, generator: torch.Generator) -> State:
         return {"init_ctx": self.env.text_encoder.initial_context(generator)}
 
+    def client_download(self, server_state, client_id: int, round_index: int) -> State:
+        """Nothing: CoOp does not communicate; a client starts from :meth:`initial_state` itself."""
+        return {}
+
     def train_client(self, job: ClientJob) -> ClientResult:
-        start = job.client_state["ctx"] if job.client_state else job.server_state["init_ctx"]
+        start = job.client_state["ctx"] if job.client_state else self.initial_state()["init_ctx"]
         ctx, loss = train_prompt(self, job, start)
         return ClientResult(upload={}, client_state={"ctx": ctx}, num_examples=job.num_examples, train_loss=loss)
 

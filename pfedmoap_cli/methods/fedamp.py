@@ -128,8 +128,13 @@ class FedAMP(FederatedMethod):
         in_pool = torch.zeros(self.env.num_clients, dtype=torch.bool, device=ctx.device)
         return {"ctx_init": ctx, "pool": pool, "in_pool": in_pool}
 
-    def message(self, server_state: Mapping[str, torch.Tensor], client_id: int, own: torch.Tensor) -> torch.Tensor:
-        """What the server sends client ``client_id``: its personalised aggregate ``u_i`` (from the round-start pool)."""
+    def message(self, server_state: Mapping[str, torch.Tensor], client_id: int) -> torch.Tensor:
+        """What the server sends client ``client_id``: its personalised aggregate ``u_i`` (from the round-start pool).
+
+        The client's own prompt is its last upload (the pool keeps it exactly),
+        or the initial prompt before its first one.
+        """
+        own = server_state["pool"][client_id] if bool(server_state["in_pool"][client_id]) else server_state["ctx_init"]
         in_pool = server_state["in_pool"].clone()
         in_pool[client_id] = False
         others = server_state["pool"][in_pool]
@@ -142,16 +147,22 @@ class FedAMP(FederatedMethod):
             in_pool[client_id] = True
         return {"ctx_init": start_state["ctx_init"], "pool": pool, "in_pool": in_pool}
 
+    def client_download(self, server_state: Mapping[str, torch.Tensor], client_id: int, round_index: int) -> State:
+        """Only the client's own ``u_i``; the pool of everyone's prompts stays on the server."""
+        return {"u": self.message(server_state, client_id)}
+
     # ---- client half ----------------------------------------------------
     def train_client(self, job: ClientJob) -> ClientResult:
-        own = job.client_state["ctx"] if job.client_state else job.server_state["ctx_init"]
-        target = self.message(job.server_state, job.client_id, own)
+        own = job.client_state["ctx"] if job.client_state else self.initial_state()["ctx_init"]
+        target = job.server_state["u"]
         ctx, loss = train_prompt(self, job, own, extra_loss=proximal_term(target, self.options.lam))
-        return ClientResult.exchanged(
-            downloaded={"u": target}, upload={"ctx": ctx}, client_state={"ctx": ctx.clone()}, num_examples=job.num_examples, train_loss=loss
-        )
+        return ClientResult(upload={"ctx": ctx}, client_state={"ctx": ctx.clone()}, num_examples=job.num_examples, train_loss=loss)
 
     # ---- evaluation -----------------------------------------------------
+    def evaluation_download(self, view: RoundView, client_id: int) -> State:
+        """The initial prompt only (for clients that never trained); the pool stays on the server."""
+        return {"ctx_init": view.end_state["ctx_init"]}
+
     def evaluator(self, view: RoundView) -> ClientEvaluator:
         prompts = {cid: state["ctx"] for cid, state in view.client_states.items() if "ctx" in state}
         return PerClientPromptEvaluator(self.env.text_encoder, self.env.logit_scale, prompts, view.end_state["ctx_init"])

@@ -225,11 +225,15 @@ class FedOTP(FederatedMethod):
         ctx = weighted_average([results[c].upload["ctx"] for c in order], [results[c].num_examples for c in order])
         return {"ctx": ctx, "local_init": start_state["local_init"]}
 
+    def client_download(self, server_state: Mapping[str, torch.Tensor], client_id: int, round_index: int) -> State:
+        """Only the global prompt: a client starts its local prompt from :meth:`initial_state` itself."""
+        return {"ctx": server_state["ctx"]}
+
     # ---- client ---------------------------------------------------------
     def train_client(self, job: ClientJob) -> ClientResult:
         env = self.env
         global_ctx = job.server_state["ctx"]
-        local_ctx = job.client_state["local_ctx"] if job.client_state else job.server_state["local_init"]
+        local_ctx = job.client_state["local_ctx"] if job.client_state else self.initial_state()["local_init"]
         prompts = torch.nn.Parameter(self.stack(global_ctx, local_ctx).detach().clone().to(env.device, torch.float32))
 
         def loss_fn(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -239,8 +243,8 @@ class FedOTP(FederatedMethod):
             job.batches, [{"params": [prompts], "lr": env.training.lr, "cosine": True}], loss_fn, env.training, self.encode_tokens
         )
         trained = prompts.detach()
-        return ClientResult.exchanged(
-            downloaded={"ctx": global_ctx}, upload={"ctx": trained[0].clone()}, client_state={"local_ctx": trained[1].clone()}, num_examples=job.num_examples, train_loss=loss
+        return ClientResult(
+            upload={"ctx": trained[0].clone()}, client_state={"local_ctx": trained[1].clone()}, num_examples=job.num_examples, train_loss=loss
         )
 
     # ---- evaluation -----------------------------------------------------

@@ -82,6 +82,10 @@ class FedPer(FederatedMethod):
         shared = weighted_average([results[c].upload["ctx_shared"] for c in order], [results[c].num_examples for c in order])
         return {"ctx_shared": shared, "personal_init": start_state["personal_init"]}
 
+    def client_download(self, server_state: Mapping[str, torch.Tensor], client_id: int, round_index: int) -> State:
+        """Only the shared half: a client starts its personal half from :meth:`initial_state` itself."""
+        return {"ctx_shared": server_state["ctx_shared"]}
+
     # ---- client ---------------------------------------------------------
     def full_context(self, shared: torch.Tensor, personal: torch.Tensor) -> torch.Tensor:
         """The client's whole context ``[shared ; personal]`` (n_ctx, W)."""
@@ -89,10 +93,13 @@ class FedPer(FederatedMethod):
 
     def train_client(self, job: ClientJob) -> ClientResult:
         shared = job.server_state["ctx_shared"]
-        personal = job.client_state["personal"] if job.client_state else job.server_state["personal_init"]
+        personal = job.client_state["personal"] if job.client_state else self.initial_state()["personal_init"]
         ctx, loss = train_prompt(self, job, self.full_context(shared, personal))
-        return ClientResult.exchanged(
-            downloaded={"ctx_shared": shared}, upload={"ctx_shared": ctx[: self.shared].clone()}, client_state={"personal": ctx[self.shared :].clone()}, num_examples=job.num_examples, train_loss=loss
+        return ClientResult(
+            upload={"ctx_shared": ctx[: self.shared].clone()},
+            client_state={"personal": ctx[self.shared :].clone()},
+            num_examples=job.num_examples,
+            train_loss=loss,
         )
 
     # ---- evaluation -----------------------------------------------------

@@ -68,8 +68,6 @@ class FedProx(PromptFL):
     def train_client(self, job: ClientJob) -> ClientResult:
         global_ctx = job.server_state["ctx"]
         ctx, loss = train_prompt(self, job, global_ctx, extra_loss=proximal_term(global_ctx, self.options.mu))
-        return ClientResult.exchanged(
-            downloaded={"ctx": global_ctx}, upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss
-        )
+        return ClientResult(upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss)
 
     # ---- server and evaluation: PromptFL's FedAvg and global prompt (inherited) ----

@@ -45,8 +45,9 @@ State
 server: ``ctx`` (n_ctx, W) the global prompt; ``pool`` (N, n_ctx, W) every
 client's latest uploaded prompt and ``pool_mask`` (N,) which entries exist.
 client: ``ctx`` its latest local prompt, ``gating.*`` its gating network, and
-``expert_ids`` the client ids of the experts it last trained with (to be
-evaluated with exactly those, PROTOCOL.md section 3 step 5).
+``expert_ids`` the client ids of the experts it last trained with.
+download (per client): ``ctx`` the global prompt, ``experts`` (K, n_ctx, W) its
+experts' prompts and ``expert_ids`` (K,) their client ids.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ from pfedmoap_cli.methods.base import (
     RoundView,
     State,
     register_method,
-    tensor_bytes,
 )
 from pfedmoap_cli.methods.local_training import cross_entropy, prompt_logits, run_local_epochs, weighted_average
 from pfedmoap_cli.model.gating import GatingNetwork, mixture_logits, pool_stride
@@ -193,9 +193,13 @@ class _ExpertCache:
     """Text features of the round's expert prompts, shared by every participant."""
 
     round_index: int
-    pool: torch.Tensor  # the round-start pool tensor these were computed from (identity check)
-    rows: dict[int, int]  # client id -> row of ``features``
+    rows: dict[int, int]  # client id -> row of ``prompts`` and ``features``
+    prompts: torch.Tensor  # (P, n_ctx, W) the round-start pool entries encoded (checked against each download)
     features: torch.Tensor  # (P, C, D), no grad
+
+
+def _expert_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 # ---- the method -------------------------------------------------------------------------
@@ -237,6 +241,18 @@ class PFedMoAP(FederatedMethod):
         seed = derive_seed(self.env.seed, purpose, round_index, client_id)
         return select_experts(state["pool"], state["pool_mask"], client_id, self.options.num_experts, self.options.expert_selection, seed)
 
+    def _with_experts(self, state: Mapping[str, torch.Tensor], ids: list[int]) -> State:
+        """The global prompt and the pool entries ``ids``: what one client receives."""
+        return {"ctx": state["ctx"], "experts": state["pool"][ids], "expert_ids": _expert_ids(ids, state["pool"].device)}
+
+    def client_download(self, server_state: Mapping[str, torch.Tensor], client_id: int, round_index: int) -> State:
+        """The global prompt and exactly this client's K experts (their prompts and client ids).
+
+        The experts are chosen on the server from the round-start pool; the
+        rest of the pool never leaves it.
+        """
+        return self._with_experts(server_state, self.experts_for(server_state, client_id, round_index))
+
     # -- the round ------------------------------------------------------------------------
     def prepare_round(self, round_index: int, start_state: Mapping[str, torch.Tensor], participants: tuple[int, ...]) -> None:
         """Encode every expert prompt the participants will use, in one batched pass.
@@ -248,30 +264,29 @@ class PFedMoAP(FederatedMethod):
         if not self.options.share_expert_features:
             return
         ids = sorted({j for c in participants for j in self.experts_for(start_state, c, round_index)})
+        prompts = start_state["pool"][ids]
         # Up to N prompts x C classes sequences (10,000 for CIFAR-100 with 100 clients): bounded calls.
-        features = self.env.text_encoder.encode_many(start_state["pool"][ids]) if ids else torch.empty(0)
-        self._cache = _ExpertCache(round_index, start_state["pool"], {j: row for row, j in enumerate(ids)}, features)
+        features = self.env.text_encoder.encode_many(prompts) if ids else torch.empty(0)
+        self._cache = _ExpertCache(round_index, {j: row for row, j in enumerate(ids)}, prompts, features)
 
-    def expert_features(self, server_state: Mapping[str, torch.Tensor], expert_ids: list[int], round_index: int) -> torch.Tensor | None:
-        """(K, C, D) detached features of the experts' prompts, from the round cache when it applies."""
+    def expert_features(self, download: Mapping[str, torch.Tensor], round_index: int) -> torch.Tensor | None:
+        """(K, C, D) detached features of the downloaded experts, from the round cache when it holds them."""
+        expert_ids = [int(j) for j in download["expert_ids"].tolist()]
         if not expert_ids:
             return None
         cache = self._cache
-        if (
-            self.options.share_expert_features
-            and cache is not None
-            and cache.round_index == round_index
-            and cache.pool is server_state["pool"]
-            and all(j in cache.rows for j in expert_ids)
-        ):
-            return cache.features[[cache.rows[j] for j in expert_ids]]
-        return self.env.text_encoder.encode_many(server_state["pool"][expert_ids])
+        if self.options.share_expert_features and cache is not None and cache.round_index == round_index and all(j in cache.rows for j in expert_ids):
+            rows = [cache.rows[j] for j in expert_ids]
+            # The cache is used only for exactly the prompts this client received.
+            if torch.equal(cache.prompts[rows], download["experts"].to(cache.prompts.device)):
+                return cache.features[rows]
+        return self.env.text_encoder.encode_many(download["experts"])
 
     def train_client(self, job: ClientJob) -> ClientResult:
-        env, opts, server = self.env, self.options, job.server_state
-        expert_ids = self.experts_for(server, job.client_id, job.round_index)
-        experts = self.expert_features(server, expert_ids, job.round_index)
-        ctx = torch.nn.Parameter(server["ctx"].detach().clone().to(env.device, torch.float32))
+        env, opts, download = self.env, self.options, job.server_state
+        expert_ids = [int(j) for j in download["expert_ids"].tolist()]
+        experts = self.expert_features(download, job.round_index)
+        ctx = torch.nn.Parameter(download["ctx"].detach().clone().to(env.device, torch.float32))
         gating = self.client_gating(job.client_state, job.client_id)
 
         def loss_fn(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -287,18 +302,9 @@ class PFedMoAP(FederatedMethod):
         loss = run_local_epochs(job.batches, groups, loss_fn, env.training, env.clip.encode_images)
 
         trained = ctx.detach().clone()
-        client_state: State = {"ctx": trained, "expert_ids": torch.tensor(expert_ids, dtype=torch.int64, device=trained.device)}
+        client_state: State = {"ctx": trained, "expert_ids": _expert_ids(expert_ids, trained.device)}
         client_state.update({GATING_PREFIX + k: v.detach().clone() for k, v in gating.state_dict().items()})
-        upload = {"ctx": trained}
-        prompt_bytes = tensor_bytes({"ctx": server["ctx"]})
-        return ClientResult(
-            upload=upload,
-            client_state=client_state,
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=prompt_bytes * (1 + len(expert_ids)),
-            bytes_up=tensor_bytes(upload),
-        )
+        return ClientResult(upload={"ctx": trained}, client_state=client_state, num_examples=job.num_examples, train_loss=loss)
 
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
         """FedAvg of the prompts into the global one; participants' prompts into the pool."""
@@ -313,8 +319,29 @@ class PFedMoAP(FederatedMethod):
             mask[c] = True
         return {"ctx": ctx.to(start_state["ctx"].device), "pool": pool, "pool_mask": mask}
 
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluation_download(self, view: RoundView, client_id: int) -> State:
+        """The global prompt and the experts a client is scored with (PROTOCOL.md section 3 step 5).
+
+        * a participant: the experts it trained with, from the round-start pool
+          P_{t-1} (the same seeded choice as its download);
+        * a client that sat the round out: experts chosen as in training from
+          the end-of-round pool P_t (a ``random`` draw seeded by
+          (seed, "eval-experts", round, client));
+        * a client that never trained: no experts (it is scored with the global prompt).
+        """
+        if client_id in view.participants:
+            return self._with_experts(
+                {"ctx": view.end_state["ctx"], "pool": view.start_state["pool"]}, self.experts_for(view.start_state, client_id, view.round_index)
+            )
+        return self._with_experts(view.end_state, self.experts_for(view.end_state, client_id, view.round_index, "eval-experts"))
+
     def evaluator(self, view: RoundView) -> ClientEvaluator:
-        return MixtureEvaluator(self, view)
+        clients = range(self.env.num_clients)
+        return MixtureEvaluator(self, {c: (self.evaluation_download(view, c), view.client_states.get(c)) for c in clients})
+
+    def node_evaluator(self, round_index: int, client_id: int, download: Mapping[str, torch.Tensor], client_state: State | None) -> ClientEvaluator:
+        return MixtureEvaluator(self, {client_id: (download, client_state)})
 
 
 # ---- evaluation -------------------------------------------------------------------------
@@ -328,51 +355,40 @@ class _ClientPlan:
 
 
 class MixtureEvaluator(ClientEvaluator):
-    """Scores every client per PROTOCOL.md section 3 step 5.
+    """Scores clients from their evaluation downloads and their own states.
 
-    * a participant: its new prompt, its gating and the experts it trained
-      with, taken from the round-start pool P_{t-1};
-    * trained before but sat this round out: its own prompt and gating, and
-      experts chosen (as in training) from the end-of-round pool P_t (a
-      ``random`` draw is seeded by (seed, "eval-experts", round, client));
-    * never trained: the global prompt, no experts.
-
-    Every prompt needed is encoded once, in a few batched text-encoder calls.
+    A client with a prompt of its own is scored with it, its gating network and
+    the experts of its download; a client that never trained, with the global
+    prompt alone. Every distinct prompt needed is encoded once, in a few
+    batched text-encoder calls.
     """
 
-    def __init__(self, method: PFedMoAP, view: RoundView) -> None:
+    def __init__(self, method: PFedMoAP, clients: Mapping[int, tuple[Mapping[str, torch.Tensor], State | None]]) -> None:
         env, opts = method.env, method.options
         self.lam, self.logit_scale = opts.lam, env.logit_scale
-        keys: dict[tuple[str, int], int] = {}
+        rows: dict[bytes, int] = {}
         prompts: list[torch.Tensor] = []
 
-        def need(source: str, index: int, prompt: torch.Tensor) -> tuple[str, int]:
-            if (source, index) not in keys:
-                keys[(source, index)] = len(prompts)
-                prompts.append(prompt.to(env.device, torch.float32))
-            return (source, index)
+        def need(prompt: torch.Tensor) -> int:
+            prompt = prompt.to(env.device, torch.float32)
+            key = prompt.detach().cpu().numpy().tobytes()  # identical prompts are encoded once
+            if key not in rows:
+                rows[key] = len(prompts)
+                prompts.append(prompt)
+            return rows[key]
 
-        wanted: dict[int, tuple[list[tuple[str, int]], list[int], GatingNetwork | None]] = {}
-        for client in range(env.num_clients):
-            state = view.client_states.get(client)
+        wanted: dict[int, tuple[list[int], list[int], GatingNetwork | None]] = {}
+        for client, (download, state) in clients.items():
             if not state or "ctx" not in state:
-                wanted[client] = ([need("global", 0, view.end_state["ctx"])], [], None)
+                wanted[client] = ([need(download["ctx"])], [], None)
                 continue
-            if client in view.participants:
-                ids = [int(j) for j in state.get("expert_ids", torch.empty(0, dtype=torch.int64)).tolist()]
-                pool = view.start_state["pool"]
-                sources = [need("start", j, pool[j]) for j in ids]
-            else:
-                ids = method.experts_for(view.end_state, client, view.round_index, "eval-experts")
-                pool = view.end_state["pool"]
-                sources = [need("end", j, pool[j]) for j in ids]
+            ids = [int(j) for j in download["expert_ids"].tolist()]
+            sources = [need(prompt) for prompt in download["experts"]]
             gating = method.client_gating(state, client) if ids else None
-            wanted[client] = ([need("local", client, state["ctx"]), *sources], [client, *ids], gating)
+            wanted[client] = ([need(state["ctx"]), *sources], [client, *ids], gating)
 
         features = env.text_encoder.encode_many(torch.stack(prompts))
-        self.plans = {
-            client: _ClientPlan(features[[keys[k] for k in sources]], ids, gating) for client, (sources, ids, gating) in wanted.items()
-        }
+        self.plans = {client: _ClientPlan(features[sources], ids, gating) for client, (sources, ids, gating) in wanted.items()}
 
     def logits(self, client_id: int, image_features: torch.Tensor) -> torch.Tensor:
         plan = self.plans[client_id]

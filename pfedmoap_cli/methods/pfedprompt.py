@@ -61,7 +61,6 @@ from pfedmoap_cli.methods.base import (
     RoundView,
     State,
     register_method,
-    tensor_bytes,
 )
 from pfedmoap_cli.methods.local_training import cross_entropy, prompt_logits, run_local_epochs
 from pfedmoap_cli.methods.promptfl import PromptFL
@@ -182,14 +181,7 @@ class PFedPrompt(PromptFL):
         )
         upload = {"ctx": ctx.detach()}
         client_state = {**memory, "attn_q": attn_q.detach(), "attn_k": attn_k.detach()}
-        return ClientResult(
-            upload=upload,
-            client_state=client_state,
-            num_examples=job.num_examples,
-            train_loss=loss,
-            bytes_down=tensor_bytes({"ctx": global_ctx}),
-            bytes_up=tensor_bytes(upload),
-        )
+        return ClientResult(upload=upload, client_state=client_state, num_examples=job.num_examples, train_loss=loss)
 
     # ---- server: PromptFL's FedAvg of "ctx" (inherited) -------------------
 

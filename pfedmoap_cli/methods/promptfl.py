@@ -37,9 +37,7 @@ class PromptFL(FederatedMethod):
 
     def train_client(self, job: ClientJob) -> ClientResult:
         ctx, loss = train_prompt(self, job, job.server_state["ctx"])
-        return ClientResult.exchanged(
-            downloaded={"ctx": job.server_state["ctx"]}, upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss
-        )
+        return ClientResult(upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss)
 
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
         if not results:
