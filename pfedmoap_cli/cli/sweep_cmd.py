@@ -19,6 +19,7 @@ from pfedmoap_cli.report.sweep import (
     unavailable,
 )
 from pfedmoap_cli.report.table_recipes import TableRecipe, load_table_recipe
+from pfedmoap_cli.cli.train_cmd import Engine, make_runtime
 
 HELP = """Run every cell (dataset x method x seed) of a paper table that is not finished yet.
 
@@ -75,6 +76,12 @@ def sweep(
         Optional[list[str]], typer.Option("--only", help="Keep only this dataset, method or row key; repeatable.")
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (does not change run ids).")] = None,
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="Where each run's rounds run: 'local' or 'flower' (Flower's simulation runtime; same run ids).")
+    ] = Engine.LOCAL,
+    round_timeout: Annotated[
+        Optional[float], typer.Option("--round-timeout", metavar="SECONDS", help="Flower: wait this long for the nodes' replies per step.")
+    ] = None,
 ) -> None:
     cli = ctx.obj
     ws = cli.ws
@@ -96,6 +103,7 @@ def sweep(
             typer.echo(line)
         return
     check_runnable(recipe, selection)
+    runtime = make_runtime(engine, round_timeout)
     datasets = [d.key for d in recipe.datasets if selection.datasets is None or d.key in selection.datasets]
     partitions = build_partitions(ws, cli.data_root, recipe, datasets)
     cells = plan(ws, recipe, selection, partitions)
@@ -115,7 +123,9 @@ def sweep(
         typer.echo(f"  skipped {cell.dataset} {cell.row} seed {cell.seed}: {error}", err=True)
 
     try:
-        run_cells(ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use)
+        run_cells(
+            ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use, runtime=runtime
+        )
     except KeyboardInterrupt:
         typer.echo(f"interrupted; finished runs and completed rounds are saved, continue with 'pfedmoap sweep --table {table}'", err=True)
         raise typer.Exit(130) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -30,7 +31,44 @@ Examples:
   pfedmoap train --config my-run.toml --seed 2
 
   pfedmoap train --method promptfl --rounds 2 --local-epochs 1 --resume
+
+  pfedmoap train --method pfedmoap --engine flower   # on Flower's simulation runtime
+
+  pfedmoap train --engine flower --write-flower-app my-app   # an app for flwr run
 """
+
+
+class Engine(str, Enum):
+    """Where a run's rounds execute."""
+
+    LOCAL = "local"
+    FLOWER = "flower"
+
+
+def make_runtime(engine: Engine, round_timeout: float | None):
+    """The runtime of ``--engine`` (None: the in-process default)."""
+    if engine is Engine.LOCAL:
+        if round_timeout is not None:
+            raise ConfigError("--round-timeout applies to --engine flower only; drop it or add --engine flower")
+        return None
+    from pfedmoap_cli.flower import require_flower
+
+    require_flower()
+    from pfedmoap_cli.flower.server import FlowerOptions
+    from pfedmoap_cli.flower.simulation import FlowerSimulationRuntime
+
+    return FlowerSimulationRuntime(FlowerOptions(round_timeout=check_timeout(round_timeout)))
+
+
+def check_timeout(round_timeout: float | None) -> float:
+    """``--round-timeout`` in seconds (the Flower default when not given)."""
+    from pfedmoap_cli.flower.server import FlowerOptions
+
+    if round_timeout is None:
+        return FlowerOptions().round_timeout
+    if not round_timeout > 0:
+        raise ConfigError(f"--round-timeout must be a positive number of seconds, got {round_timeout}")
+    return float(round_timeout)
 
 
 def resolve_settings(dataset: str, config: Path | None, flags: dict[str, Any]) -> TrainSettings:
@@ -97,6 +135,24 @@ def train(
     partition: Annotated[Optional[str], typer.Option("--partition", help="Partition file or name (default: the current one).")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="Name of the run (default: derived from its settings).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last complete round.")] = False,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            "--engine",
+            help="Where the rounds run: 'local' (this process) or 'flower' (Flower's simulation runtime, one virtual "
+            "SuperNode per client, the same run files; needs the flower extra). Not part of the run id.",
+        ),
+    ] = Engine.LOCAL,
+    round_timeout: Annotated[
+        Optional[float],
+        typer.Option("--round-timeout", metavar="SECONDS", help="Flower: wait this long for the nodes' replies in each step of a round; "
+                     "clients that have not answered are recorded as missing (default 3600)."),
+    ] = None,
+    write_flower_app: Annotated[
+        Optional[Path],
+        typer.Option("--write-flower-app", metavar="DIR", help="Instead of training, write a Flower app for a real deployment "
+                     "(SuperLink + SuperNodes) with these settings to DIR; start it with 'flwr run DIR'."),
+    ] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", hidden=True, help="Stop after this many rounds (testing).")] = None,
 ) -> None:
     cli = ctx.obj
@@ -129,9 +185,19 @@ def train(
     else:
         partition_path = resolve_partition_path(ws.partitions_dir, partition)
         settings = resolve_settings(load_partition(partition_path)[0].dataset, config, flags)
+    if write_flower_app is not None:
+        if engine is not Engine.FLOWER:
+            raise ConfigError("--write-flower-app writes a Flower app; add --engine flower")
+        from pfedmoap_cli.flower.app_dir import deployment_instructions, write_flower_app as write_app
+
+        app_file = write_app(write_flower_app, ws, partition_path, settings, run_id or "", check_timeout(round_timeout))
+        typer.echo(f"wrote the Flower app {app_file}")
+        typer.echo(deployment_instructions(write_flower_app, load_partition(partition_path)[0].num_clients))
+        return
     outcome = execute_run(
         ws, cli.data_root, settings, partition_path, run_id=run_id,
         if_exists=IfExists.RESUME if resume else IfExists.ERROR, progress=cli.progress, stop_after=stop_after,
+        runtime=make_runtime(engine, round_timeout),
     )
     if outcome.last_round is None and outcome.finished:
         typer.echo(f"run {outcome.run_id} is already complete ({outcome.total_rounds} rounds); see 'pfedmoap report'")

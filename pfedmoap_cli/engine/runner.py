@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Callable, Protocol
 
 from pfedmoap_cli.artifacts.partition import Partition, load_partition
 from pfedmoap_cli.artifacts.run_lock import RunLock
@@ -22,6 +23,41 @@ class IfExists(str, Enum):
     ERROR = "error"  # a new run was asked for
     RESUME = "resume"  # continue it; a missing run is an error
     AUTO = "auto"  # continue it if present, start it otherwise (sweeps)
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One run ready to train: everything a runtime needs besides its own options."""
+
+    workspace: Workspace
+    data_root: Path
+    settings: TrainSettings
+    partition_path: Path
+    partition: Partition
+    partition_sha256: str
+    run_id: str
+    paths: RunPaths
+    progress: bool
+
+
+#: Trains from the last complete round; returns the rounds complete when it returns.
+Trainer = Callable[[int | None, Callable[[RoundSummary], None]], int]
+
+
+class Runtime(Protocol):
+    """Where a run's rounds execute: this process, or Flower (simulation or deployment)."""
+
+    def open(self, job: RunJob) -> Trainer:
+        """Check and load what the run needs (user errors surface here, before run.json is written)."""
+
+
+class LocalRuntime:
+    """Every client in this process, one after another (the default engine)."""
+
+    def open(self, job: RunJob) -> Trainer:
+        session = open_session(job.settings, job.partition, job.partition_sha256, job.data_root, job.workspace.features_cache_dir, progress=job.progress)
+        federation = Federation(session, job.run_id, job.paths, progress=job.progress)
+        return lambda stop_after, on_round: federation.run(stop_after=stop_after, on_round=on_round)
 
 
 @dataclass(frozen=True)
@@ -48,8 +84,12 @@ def execute_run(
     if_exists: IfExists = IfExists.ERROR,
     progress: bool = True,
     stop_after: int | None = None,
+    runtime: Runtime | None = None,
 ) -> RunOutcome:
     """Train ``settings`` on the partition at ``partition_path`` as far as it goes.
+
+    ``runtime`` decides where the rounds run (default: :class:`LocalRuntime`);
+    every runtime writes the same run folder.
 
     Raises
     ------
@@ -62,23 +102,14 @@ def execute_run(
     partition, partition_sha = load_partition(partition_path)
     run_id = run_id or default_run_id(settings, partition.dataset, partition_sha)
     with RunLock(workspace.locks_dir, run_id):
-        return _execute_locked(workspace, data_root, settings, partition_path, partition, partition_sha, run_id, if_exists, progress, stop_after)
+        paths = RunPaths(workspace.run_dir(run_id))
+        job = RunJob(workspace, Path(data_root), settings, Path(partition_path), partition, partition_sha, run_id, paths, progress)
+        return _execute_locked(job, if_exists, stop_after, runtime or LocalRuntime())
 
 
-def _execute_locked(
-    workspace: Workspace,
-    data_root: Path,
-    settings: TrainSettings,
-    partition_path: Path,
-    partition: Partition,
-    partition_sha: str,
-    run_id: str,
-    if_exists: IfExists,
-    progress: bool,
-    stop_after: int | None,
-) -> RunOutcome:
+def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, runtime: Runtime) -> RunOutcome:
     """:func:`execute_run` once the run's lock is held."""
-    paths = RunPaths(workspace.run_dir(run_id))
+    paths, settings, run_id = job.paths, job.settings, job.run_id
     exists = paths.run_json.is_file()
     done = completed_rounds(paths) if exists else 0
     if exists and if_exists is IfExists.ERROR:
@@ -89,9 +120,9 @@ def _execute_locked(
         raise ArtifactError(f"no run {run_id} to resume (no run matches these settings); start it without --resume")
     if done >= settings.rounds:
         return RunOutcome(run_id, paths, done, settings.rounds, None)
-    session = open_session(settings, partition, partition_sha, data_root, workspace.features_cache_dir, progress=progress)
+    trainer = runtime.open(job)
     if not exists:
-        write_run_record(paths, run_id, settings, partition.dataset, Path(partition_path).resolve(), partition_sha)
+        write_run_record(paths, run_id, settings, job.partition.dataset, job.partition_path.resolve(), job.partition_sha256)
     summaries: list[RoundSummary] = []
-    finished = Federation(session, run_id, paths, progress=progress).run(stop_after=stop_after, on_round=summaries.append)
+    finished = trainer(stop_after, summaries.append)
     return RunOutcome(run_id, paths, finished, settings.rounds, summaries[-1] if summaries else None)

@@ -19,7 +19,7 @@ from pfedmoap_cli.artifacts.partition import save_partition
 from pfedmoap_cli.artifacts.run_lock import RunInUse
 from pfedmoap_cli.data.build_partition import build_partition
 from pfedmoap_cli.data.sources import DatasetSource, dataset_names, open_dataset
-from pfedmoap_cli.engine.runner import IfExists, RunOutcome, execute_run
+from pfedmoap_cli.engine.runner import IfExists, RunOutcome, Runtime, execute_run
 from pfedmoap_cli.engine.session import method_options
 from pfedmoap_cli.engine.settings import validate_settings
 from pfedmoap_cli.engine.workspace import Workspace
@@ -147,6 +147,7 @@ def run_cells(
     device: str | None = None,
     on_done: Callable[[CellRun, RunOutcome], None] | None = None,
     on_busy: Callable[[CellRun, RunInUse], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> list[RunOutcome]:
     """Run every cell that is not done (partial ones resume); a tqdm bar counts all of them.
 
@@ -167,7 +168,9 @@ def run_cells(
                 settings = validate_settings(replace(settings, device=device))
             partition = partitions[(cell.dataset, recipe.partition_seed_for(cell.seed))]
             try:
-                outcome = execute_run(ws, data_root, settings, partition.path, run_id=None, if_exists=IfExists.AUTO, progress=progress)
+                outcome = execute_run(
+                    ws, data_root, settings, partition.path, run_id=None, if_exists=IfExists.AUTO, progress=progress, runtime=runtime
+                )
             except RunInUse as busy:
                 # Another sweep (maybe on another machine sharing the workspace) is
                 # training this cell: leave it to that one and go on with the rest.

@@ -1,0 +1,244 @@
+"""The server half on Flower: the engine's round, with the clients on nodes.
+
+One round t, exactly as :class:`pfedmoap_cli.engine.federation.Federation`
+runs it in one process, but with every client step sent to the node that
+holds the client:
+
+1. participants from the engine's seeded sampler (not Flower's);
+2. each participant's node gets its own ``train`` message with the method's
+   :meth:`client_download` (a pFedMoAP client gets exactly its experts) and
+   answers with its upload; nodes that do not answer within the round
+   timeout are recorded as missing and the round goes on without them;
+3. the method aggregates the uploads that arrived (FedAvg weights over the
+   clients that answered);
+4. every client's node gets an ``evaluate`` message with the method's
+   evaluation download, personalises (methods that do) and scores the client
+   on its own test set, where its state is;
+5. the server writes the metric rows, its checkpoint and the round marker, so
+   ``report``, ``evaluate`` and ``--resume`` read the run like any other; a
+   restarted server resumes after the last complete round.
+
+Flower node ids are not client ids: every node that appears is asked (a
+``query`` message) which client it holds, and refused nodes are left out with
+their one-line reason logged on both sides.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+from pfedmoap_cli.artifacts.metrics import append_metrics, truncate_metrics
+from pfedmoap_cli.artifacts.partition import Partition
+from pfedmoap_cli.engine.evaluation import ClientScore
+from pfedmoap_cli.engine.federation import RoundSummary, clone_state
+from pfedmoap_cli.engine.recorder import RunRecorder
+from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
+from pfedmoap_cli.engine.workspace import RunPaths
+from pfedmoap_cli.flower.protocol import (
+    DOWNLOAD_RECORD,
+    EVALUATE,
+    NODE_RECORD,
+    QUERY,
+    RESULT_RECORD,
+    ROUND_RECORD,
+    RUN_RECORD,
+    SCORE_RECORD,
+    TRAIN,
+    UPLOAD_RECORD,
+    RunInfo,
+)
+from pfedmoap_cli.flower.records import json_config, payload_bytes, record_to_state, state_to_record
+from pfedmoap_cli.methods.base import ClientResult, FederatedMethod, RoundView, State
+from pfedmoap_cli.seeding import sample_clients
+
+
+@dataclass(frozen=True)
+class FlowerOptions:
+    """How long the server waits for nodes (seconds)."""
+
+    #: Longest wait for the replies of one step of a round (train, or evaluate);
+    #: nodes that have not answered by then are recorded as missing.
+    round_timeout: float = 3600.0
+    #: Longest wait, before the first round, for every client to have a node.
+    join_timeout: float = 300.0
+    #: Longest wait for a node's answer to the handshake (it opens its data and model).
+    query_timeout: float = 300.0
+
+
+def _log(text: str) -> None:
+    print(f"pfedmoap server: {text}", file=sys.stderr, flush=True)
+
+
+class FlowerServer:
+    """Runs (or resumes) one run's rounds over a Flower :class:`Grid`."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        method: FederatedMethod,
+        run: RunInfo,
+        partition: Partition,
+        paths: RunPaths,
+        options: FlowerOptions = FlowerOptions(),
+        progress: bool = True,
+        log: Callable[[str], None] = _log,
+    ) -> None:
+        self.grid, self.method, self.run_info = grid, method, run
+        self.settings = run.settings
+        self.num_clients = partition.num_clients
+        self.paths, self.options, self.progress, self.log = paths, options, progress, log
+        self.recorder = RunRecorder(run.run_id, run.settings, partition, run.partition_sha256, paths)
+        self.device = method.env.device
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+        self.asked: set[int] = set()  # node ids that were asked which client they hold
+
+    # ---- messages ----------------------------------------------------------
+    def _content(self, **records) -> RecordDict:
+        return RecordDict({RUN_RECORD: json_config(run=self.run_info.to_json()), **records})
+
+    def _exchange(self, messages: dict[int, Message], timeout: float) -> dict[int, Message]:
+        """Send each node its own message; the replies that arrived in time, by node id.
+
+        Replies are matched to what was sent by message id: an error about an
+        unreachable node comes from the SuperLink, not from that node.
+        """
+        if not messages:
+            return {}
+        sent = list(messages.items())
+        replies = list(self.grid.send_and_receive([message for _, message in sent], timeout=timeout))
+        node_of_message = {message.metadata.message_id: node for node, message in sent if message.metadata.message_id}
+        answered = {}
+        for reply in replies:
+            node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                self.log(f"node {node} did not answer: {reply.error.reason}")
+                continue
+            refusal = reply.content.config_records.get(NODE_RECORD)
+            if refusal is not None and refusal.get("refused"):
+                self.log(f"node {node} (client {refusal.get('client_id')}) refused: {refusal['refused']}")
+                continue
+            answered[node] = reply
+        return answered
+
+    # ---- which node holds which client ---------------------------------------
+    def discover(self) -> None:
+        """Ask every new node which client it holds; forget nodes that left."""
+        present = set(self.grid.get_node_ids())
+        self.node_of = {c: n for c, n in self.node_of.items() if n in present}
+        new = sorted(present - self.asked)
+        if not new:
+            return
+        self.asked.update(new)
+        queries = {node: Message(self._content(), dst_node_id=node, message_type=QUERY) for node in new}
+        for node, reply in sorted(self._exchange(queries, self.options.query_timeout).items()):
+            client = int(reply.content.config_records[NODE_RECORD]["client_id"])
+            previous = self.node_of.get(client)
+            if previous is not None and previous != node:
+                self.log(f"client {client} moved from node {previous} to node {node} (a restarted SuperNode)")
+            self.node_of[client] = node
+
+    def wait_for_clients(self) -> None:
+        """Discover nodes until every client has one, or the join timeout passes."""
+        deadline = time.monotonic() + self.options.join_timeout
+        while True:
+            self.discover()
+            if len(self.node_of) == self.num_clients or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        absent = sorted(set(range(self.num_clients)) - set(self.node_of))
+        if absent:
+            self.log(f"starting without a node for clients {absent}; they are recorded as missing until one joins")
+
+    # ---- the loop ------------------------------------------------------------
+    def run(self, stop_after: int | None = None, on_round: Callable[[RoundSummary], None] | None = None) -> int:
+        """Train from the last complete round to the end; return rounds completed."""
+        total = self.settings.rounds
+        done = completed_rounds(self.paths)
+        if done > 0:
+            server_state = self.recorder.load_server_state(done - 1, self.device)
+            truncate_metrics(self.paths.metrics_csv, done - 1)
+        else:
+            server_state = self.method.initial_state()
+            if self.paths.metrics_csv.exists():
+                self.paths.metrics_csv.unlink()
+        end = total if stop_after is None else min(total, stop_after)
+        if done < end:
+            self.wait_for_clients()
+        rounds = tqdm(range(done, end), desc=f"{self.settings.method} rounds (flower)", disable=not self.progress, initial=done, total=total)
+        for round_index in rounds:
+            server_state, summary = self.run_round(round_index, server_state)
+            rounds.set_postfix(acc=f"{summary.mean_accuracy:.3f}")
+            if on_round is not None:
+                on_round(summary)
+        return max(done, end)
+
+    def run_round(self, round_index: int, server_state: State) -> tuple[State, RoundSummary]:
+        """One complete round, persisted; returns the new server state and a summary."""
+        participants = sample_clients(self.num_clients, self.settings.frac, self.settings.seed, round_index)
+        start_state = clone_state(server_state)
+        self.discover()
+        results = self.train_round(round_index, start_state, participants) if self.method.trains else {}
+        missing_train = sorted(set(participants) - set(results)) if self.method.trains else []
+        new_state = self.method.aggregate(start_state, results, round_index) if results else start_state
+        view = RoundView(round_index, frozenset(results), start_state, new_state, {})
+        scores = self.evaluate_round(view, trained=set(results))
+        missing_test = sorted(set(range(self.num_clients)) - {s.client_id for s in scores})
+        if missing_train or missing_test:
+            self.log(f"round {round_index}: missing in training {missing_train}, in evaluation {missing_test}")
+        append_metrics(self.paths.metrics_csv, self.recorder.metric_rows(round_index, scores, results, missing_train, missing_test))
+        self.recorder.save_server_state(round_index, new_state)
+        mark_round_complete(self.paths, round_index + 1, self.settings.rounds)
+        mean = sum(s.accuracy for s in scores) / max(len(scores), 1)
+        return new_state, RoundSummary(round_index, tuple(participants), mean)
+
+    def _step_message(self, client: int, kind: str, round_index: int, download: ArrayRecord, **extra) -> Message:
+        content = self._content(**{ROUND_RECORD: json_config(round=round_index, client_id=client, **extra), DOWNLOAD_RECORD: download})
+        return Message(content, dst_node_id=self.node_of[client], message_type=kind, group_id=str(round_index))
+
+    def _by_client(self, replies: dict[int, Message], clients: Iterable[int]) -> dict[int, Message]:
+        return {c: replies[self.node_of[c]] for c in clients if self.node_of.get(c) in replies}
+
+    def train_round(self, round_index: int, start_state: State, participants: list[int]) -> dict[int, ClientResult]:
+        """Send every reachable participant its own download; the results that came back."""
+        reachable = [c for c in participants if c in self.node_of]
+        downloads = {c: state_to_record(self.method.client_download(start_state, c, round_index)) for c in reachable}
+        messages = {self.node_of[c]: self._step_message(c, TRAIN, round_index, downloads[c]) for c in reachable}
+        replies = self._by_client(self._exchange(messages, self.options.round_timeout), reachable)
+        results = {}
+        for client, reply in sorted(replies.items()):
+            upload_record = reply.content.array_records[UPLOAD_RECORD]
+            metrics = reply.content.metric_records[RESULT_RECORD]
+            results[client] = ClientResult(
+                upload=record_to_state(upload_record, self.device),
+                client_state={},  # stays on the node
+                num_examples=int(metrics["num_examples"]),
+                train_loss=float(metrics["train_loss"]),
+                bytes_down=payload_bytes(downloads[client]),
+                bytes_up=payload_bytes(upload_record),
+            )
+        return results
+
+    def evaluate_round(self, view: RoundView, trained: set[int]) -> list[ClientScore]:
+        """Every reachable client scored on its node; the scores that came back, by client id."""
+        reachable = [c for c in range(self.num_clients) if c in self.node_of]
+        messages = {
+            self.node_of[c]: self._step_message(
+                c, EVALUATE, view.round_index, state_to_record(self.method.evaluation_download(view, c)), trained=c in trained
+            )
+            for c in reachable
+        }
+        replies = self._by_client(self._exchange(messages, self.options.round_timeout), reachable)
+        scores = []
+        for client, reply in sorted(replies.items()):
+            values = reply.content.metric_records[SCORE_RECORD]
+            extra = {key[len("extra.") :]: float(value) for key, value in values.items() if key.startswith("extra.")}
+            scores.append(ClientScore(client, float(values["accuracy"]), float(values["loss"]), int(values["num_examples"]), extra))
+        return scores
+

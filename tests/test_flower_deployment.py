@@ -1,0 +1,192 @@
+"""A real Flower deployment on 127.0.0.1: one SuperLink and SuperNodes as separate processes.
+
+Everything goes through what a user runs: ``pfedmoap partition``, ``pfedmoap
+train --engine flower --write-flower-app DIR``, ``flower-superlink``,
+``flower-supernode --node-config ...`` (one per client, each with its own
+workspace) and ``flwr run DIR <connection> --stream``. Every process is started
+and stopped by pid through :mod:`flower_harness` (also when a test fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("flwr") if os.environ.get("PFEDMOAP_REQUIRE_FLOWER") != "1" else None
+
+from flower_harness import FlowerDeployment  # noqa: E402
+
+from pfedmoap_cli.artifacts.checkpoint import load_checkpoint  # noqa: E402
+
+SCRIPT = Path(sys.executable).with_name("pfedmoap")
+PARTITION = (
+    "partition", "--dataset", "synthetic", "--clients", "3", "--seed", "1", "--pathological", "--shots", "2",
+    "--option", "train_per_class=2", "--option", "test_per_class=1",
+)
+COMMON = ("train", "--local-epochs", "1", "--n-ctx", "2", "--batch-size", "4", "--device", "cpu")
+TRAIN = (*COMMON, "--method", "pfedmoap", "--method-option", "gating_dim=16", "--method-option", "gating_heads=4")
+# FedPer for the fault test: its personal half changes in every local update and
+# never leaves the node, so resuming from the kept state is visible in the numbers.
+FAULT_TRAIN = (*COMMON, "--method", "fedper")
+
+
+def pfedmoap(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PFEDMOAP_DEBUG", None)
+    done = subprocess.run([str(SCRIPT), "--quiet", "--workspace", str(workspace), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A server workspace with the partition, and a node workspace per client holding a copy of it."""
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    root = tmp_path_factory.mktemp("deployment")
+    server = root / "server"
+    pfedmoap(server, *PARTITION)
+    (partition,) = (server / "partitions").glob("*.json")
+    nodes = []
+    for client in range(3):
+        node = root / f"node-{client}"
+        (node / "partitions").mkdir(parents=True)
+        shutil.copy(partition, node / "partitions" / partition.name)  # what an operator copies to each host
+        nodes.append(node)
+    return root, server, partition, nodes
+
+
+def node_config(client: int, node: Path, partition: Path, **extra) -> dict:
+    return {"partition-id": client, "workspace": str(node), "data-root": str(node / "data"), "partition": str(node / "partitions" / partition.name), **extra}
+
+
+def reference_run(root: Path, partition: Path, rounds: int) -> Path:
+    """The same run on the in-process engine; returns its run folder."""
+    workspace = root / f"local-{rounds}"
+    pfedmoap(workspace, *TRAIN, "--rounds", str(rounds), "--partition", str(partition))
+    (run,) = (workspace / "runs").iterdir()
+    return run
+
+
+def values(metrics: Path) -> pd.DataFrame:
+    frame = pd.read_csv(metrics)
+    return frame.drop(columns=["run_id"]).sort_values(["round", "client_id", "split", "metric"]).reset_index(drop=True)
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    ta, _ = load_checkpoint(a)
+    tb, _ = load_checkpoint(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_three_supernodes_on_loopback_equal_the_in_process_engine(world):
+    root, server, partition, nodes = world
+    app = root / "app-2"
+    pfedmoap(server, *TRAIN, "--rounds", "2", "--engine", "flower", "--round-timeout", "120", "--write-flower-app", str(app))
+    started = time.monotonic()
+    reference = reference_run(root, partition, 2)
+    local_seconds = time.monotonic() - started
+
+    with FlowerDeployment(root / "flower-2") as flower:
+        flower.start_superlink()
+        flower.add_supernodes([node_config(c, nodes[c], partition) for c in range(3)])
+        # Two bad nodes: an id outside the partition, and one that only runs another method.
+        flower.add_supernodes([node_config(7, nodes[0], partition), node_config(1, nodes[1], partition, method="coop")])
+        result = flower.run(app, timeout=600)
+        assert result.ok, result.output[-3000:]
+        assert "client id 7 is out of range" in result.output
+        assert "accepts only 'coop'" in result.output
+        assert "refused: client id 7 is out of range" in flower.supernodes[3].log()
+        assert "refused: the server runs method 'pfedmoap'" in flower.supernodes[4].log()
+    print(f"\nflwr run (2 rounds, 3 SuperNodes): {result.seconds:.1f} s; in-process: {local_seconds:.1f} s; ratio {result.seconds / local_seconds:.2f}")
+
+    run_dir = server / "runs" / reference.name
+    assert run_dir.is_dir(), "the deployed run has the in-process run's id (same settings, same partition)"
+    deployed = values(run_dir / "metrics.csv")
+    pd.testing.assert_frame_equal(deployed, values(reference / "metrics.csv"), check_exact=True)
+    down = deployed[deployed.metric == "bytes_down"]
+    print("bytes per round (down/up, all clients):", deployed[deployed.metric.isin(["bytes_down", "bytes_up"])].groupby(["round", "metric"])["value"].sum().to_dict())
+    assert (down["value"] > 0).all()
+    for round_index in (0, 1):
+        name = f"round-{round_index:04d}"
+        assert same_checkpoint(run_dir / "checkpoints" / name / "global.safetensors", reference / "checkpoints" / name / "global.safetensors")
+        assert not list((run_dir / "checkpoints" / name).glob("client-*")), "client states stay on the nodes"
+        for client in range(3):
+            kept = nodes[client] / "runs" / reference.name / "checkpoints" / name / f"client-{client:04d}.safetensors"
+            assert same_checkpoint(kept, reference / "checkpoints" / name / f"client-{client:04d}.safetensors")
+            others = [p.name for p in kept.parent.glob("client-*")]
+            assert others == [kept.name], "a node keeps only its own client's state"
+
+
+def test_a_killed_supernode_is_recorded_missing_and_rejoins_with_its_state(world):
+    root, server, partition, nodes = world
+    app = root / "app-3"
+    pfedmoap(server, *FAULT_TRAIN, "--rounds", "3", "--engine", "flower", "--round-timeout", "45", "--write-flower-app", str(app))
+    with FlowerDeployment(root / "flower-3") as flower:
+        flower.start_superlink()
+        flower.add_supernodes([node_config(c, nodes[c], partition) for c in range(3)])
+        run = flower.start_run(app)
+        progress = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            found = list((server / "runs").glob("*/progress.json"))
+            fresh = [p for p in found if json.loads(p.read_text())["total_rounds"] == 3]
+            if fresh and json.loads(fresh[0].read_text())["completed_rounds"] >= 1:
+                progress = fresh[0]
+                break
+            time.sleep(0.2)
+        assert progress is not None, "round 0 did not complete"
+        flower.kill_supernode(2)  # during round 1
+        old_id = flower.supernodes[2].node_id
+        flower.restart_supernode(2)
+        assert flower.supernodes[2].node_id != old_id
+        result = flower.wait_run(run, timeout=600)
+        assert result.returncode == 0 and "Exit Code: 201" not in result.output, result.output[-3000:]
+    run_dir = progress.parent
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    missing = metrics[metrics.metric == "missing"]
+    assert set(zip(missing["round"], missing.client_id, missing.split)) == {(1, 2, "train"), (1, 2, "test")}
+    scored = metrics[(metrics.metric == "accuracy")]
+    assert sorted(scored[scored["round"] == 1].client_id) == [0, 1]
+    assert sorted(scored[scored["round"] == 2].client_id) == [0, 1, 2]
+    trained = metrics[(metrics.split == "train") & (metrics.metric == "loss")]
+    assert sorted(trained[trained["round"] == 2].client_id) == [0, 1, 2], "the restarted node takes part again"
+    kept = nodes[2] / "runs" / run_dir.name / "checkpoints"
+    assert (kept / "round-0000" / "client-0002.safetensors").is_file()
+    assert not (kept / "round-0001" / "client-0002.safetensors").exists(), "nothing was kept for the round it missed"
+    # It continued from the personal half it kept after round 0: its round-2
+    # update, recomputed here from that checkpoint and the server's round-2
+    # start state, is exactly what it saved, and an update from scratch is not.
+    expected, from_scratch = recompute_round2_update(run_dir, nodes[2], kept / "round-0000" / "client-0002.safetensors")
+    saved, _ = load_checkpoint(kept / "round-0002" / "client-0002.safetensors")
+    assert saved.keys() == expected.keys() == {"personal"}
+    assert torch.equal(saved["personal"], expected["personal"])
+    assert not torch.equal(saved["personal"], from_scratch["personal"])
+    assert json.loads((run_dir / "progress.json").read_text())["completed_rounds"] == 3
+
+
+def recompute_round2_update(run_dir: Path, node: Path, kept: Path):
+    """Client 2's round-2 update from ``kept`` (and, for contrast, from no state), in this process."""
+    from pfedmoap_cli.artifacts.partition import load_partition
+    from pfedmoap_cli.engine.federation import Federation
+    from pfedmoap_cli.engine.run_record import read_run_record, run_settings
+    from pfedmoap_cli.engine.session import open_session
+    from pfedmoap_cli.engine.workspace import RunPaths
+
+    record = read_run_record(RunPaths(run_dir))
+    partition, sha = load_partition(Path(record["partition_file"]))
+    session = open_session(run_settings(record), partition, sha, node / "data", node / "cache" / "features", progress=False)
+    federation = Federation(session, record["run_id"], RunPaths(node / "scratch"), progress=False)
+    start, _ = load_checkpoint(run_dir / "checkpoints" / "round-0001" / "global.safetensors")
+    download = session.method.client_download(start, 2, 2)
+    state, _ = load_checkpoint(kept)
+    return federation.train_client(2, 2, download, state).client_state, federation.train_client(2, 2, download, None).client_state
