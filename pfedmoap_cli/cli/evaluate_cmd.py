@@ -40,6 +40,11 @@ def evaluate(
         import dataclasses
 
         settings = dataclasses.replace(settings, device=device)
+    if paths.clients_on_nodes.is_file():
+        raise ArtifactError(
+            f"run {run} was trained on Flower SuperNodes and its client states are on them, not here; "
+            "it cannot be re-scored from this workspace"
+        )
     done = completed_rounds(paths)
     if done == 0:
         raise ArtifactError(f"run {run} has no complete round yet; train it first ('pfedmoap train --resume --run-id {run}')")

@@ -157,6 +157,10 @@ def train(
 ) -> None:
     cli = ctx.obj
     ws = cli.ws
+    if write_flower_app is not None and engine is not Engine.FLOWER:
+        raise ConfigError("--write-flower-app writes a Flower app; add --engine flower")
+    # Flag errors before any file is read; a deployment app needs no local runtime.
+    runtime = make_runtime(engine, round_timeout) if write_flower_app is None else None
     # Named pFedMoAP flags are shorthands for --method-option KEY=VALUE.
     named_options = dict(
         num_experts=num_experts, expert_selection=expert_selection, lam=lam, gating_dim=gating_dim,
@@ -186,8 +190,6 @@ def train(
         partition_path = resolve_partition_path(ws.partitions_dir, partition)
         settings = resolve_settings(load_partition(partition_path)[0].dataset, config, flags)
     if write_flower_app is not None:
-        if engine is not Engine.FLOWER:
-            raise ConfigError("--write-flower-app writes a Flower app; add --engine flower")
         from pfedmoap_cli.flower.app_dir import deployment_instructions, write_flower_app as write_app
 
         app_file = write_app(write_flower_app, ws, partition_path, settings, run_id or "", check_timeout(round_timeout))
@@ -197,7 +199,7 @@ def train(
     outcome = execute_run(
         ws, cli.data_root, settings, partition_path, run_id=run_id,
         if_exists=IfExists.RESUME if resume else IfExists.ERROR, progress=cli.progress, stop_after=stop_after,
-        runtime=make_runtime(engine, round_timeout),
+        runtime=runtime,
     )
     if outcome.last_round is None and outcome.finished:
         typer.echo(f"run {outcome.run_id} is already complete ({outcome.total_rounds} rounds); see 'pfedmoap report'")

@@ -120,6 +120,11 @@ def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, ru
         raise ArtifactError(f"no run {run_id} to resume (no run matches these settings); start it without --resume")
     if done >= settings.rounds:
         return RunOutcome(run_id, paths, done, settings.rounds, None)
+    if paths.clients_on_nodes.is_file() and not getattr(runtime, "clients_on_nodes", False):
+        raise ArtifactError(
+            f"the client states of run {run_id} live on its Flower SuperNodes, not in {paths.root}; "
+            "continue it there by running its Flower app again (flwr run APP_DIR SUPERLINK)"
+        )
     trainer = runtime.open(job)
     if not exists:
         write_run_record(paths, run_id, settings, job.partition.dataset, job.partition_path.resolve(), job.partition_sha256)

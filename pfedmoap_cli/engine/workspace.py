@@ -59,6 +59,11 @@ class RunPaths:
     def evaluation_csv(self) -> Path:
         return self.root / "evaluation.csv"
 
+    @property
+    def clients_on_nodes(self) -> Path:
+        """Present when the run's client states live on Flower SuperNodes, not in this folder."""
+        return self.root / "clients-on-nodes.json"
+
     def round_dir(self, round_index: int) -> Path:
         return self.root / "checkpoints" / f"round-{round_index:04d}"
 

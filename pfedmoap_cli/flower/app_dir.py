@@ -30,6 +30,7 @@ def app_document(workspace: Workspace, partition_path: Path, settings: TrainSett
         "project": {
             "name": "pfedmoap-federation",
             "version": "1.0.0",
+            "license": "MIT",
             "description": f"pfedmoap: {settings.method} on Flower (written by 'pfedmoap train --write-flower-app')",
             "dependencies": [],  # pfedmoap[flower] is installed on every host; nothing is installed at run time
         },
@@ -66,14 +67,14 @@ def write_flower_app(directory: Path, workspace: Workspace, partition_path: Path
 
 
 def deployment_instructions(directory: Path, num_clients: int) -> str:
-    """What to run next, for the user (loopback example; README "Running across machines" has real hosts)."""
-    app = shlex.quote(str(directory))
-    last = num_clients - 1
+    """What to run next (three processes on one machine; README "Running across machines" has real hosts)."""
+    app = shlex.quote(str(Path(directory).resolve()))
     return "\n".join(
         [
-            "next, with pfedmoap[flower] installed on every host (see README, 'Running across machines'):",
-            "  flower-superlink --insecure                      # on the server host (loopback only; use TLS otherwise)",
-            f"  flower-supernode --insecure --superlink 127.0.0.1:9092 --node-config \"partition-id=N data-root='DATA' workspace='NODE_WS'\"   # one per client, N = 0..{last}",
-            f"  flwr run {app} local-deployment --stream        # local-deployment: a [superlink.local-deployment] entry in $FLWR_HOME/config.toml",
+            "next (pfedmoap[flower] installed on every host; README: 'Running across machines'):",
+            "  flower-superlink --insecure --host 127.0.0.1 --port 9093          # loopback only; real hosts use TLS",
+            f"  flower-supernode --insecure --superlink 127.0.0.1:9093 --port 910N --node-config \"partition-id=N workspace='NODE_WS' data-root='DATA'\"   # N = 0..{num_clients - 1}",
+            "  # $FLWR_HOME/config.toml (default ~/.flwr): [superlink.loopback] address = \"127.0.0.1:9093\"  insecure = true",
+            f"  flwr run {app} loopback --stream",
         ]
     )

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pfedmoap_cli.artifacts.partition import load_partition, resolve_partition_path
+from pfedmoap_cli.artifacts.partition import Partition, load_partition, resolve_partition_path
 from pfedmoap_cli.engine.evaluation import ClientScore
 from pfedmoap_cli.engine.federation import Federation
-from pfedmoap_cli.engine.session import open_session
+from pfedmoap_cli.engine.session import Session, open_session
+from pfedmoap_cli.engine.settings import TrainSettings, run_fingerprint
 from pfedmoap_cli.engine.workspace import RunPaths, Workspace
 from pfedmoap_cli.errors import UserError
 from pfedmoap_cli.flower.protocol import Refusal, RunInfo
@@ -77,7 +78,7 @@ def _short(sha: str) -> str:
 class NodeRuntime:
     """One client of one run, opened and checked on the node that holds it."""
 
-    def __init__(self, setup: NodeSetup, run: RunInfo, progress: bool = False) -> None:
+    def __init__(self, setup: NodeSetup, run: RunInfo) -> None:
         self.setup, self.run = setup, run
         self.client_id = setup.client_id
         settings = run.settings
@@ -121,7 +122,7 @@ class NodeRuntime:
                 "different backbone weights or pfedmoap version); install the same pfedmoap version and weights on every node"
             )
         try:
-            session = open_session(settings, partition, sha, setup.data_root, workspace.features_cache_dir, progress=progress)
+            session = _shared_session(settings, partition, sha, setup.data_root, workspace)
         except UserError as error:
             raise Refusal(f"client {self.client_id}: {error}") from None
         self.device = session.device
@@ -148,6 +149,10 @@ class NodeRuntime:
         """
         download = {k: v.to(self.device) for k, v in download.items()}
         state = self.recorder.client_state_of_round(round_index, self.client_id, self.device) if trained else None
+        if not trained:
+            # An update the server did not aggregate (its reply came too late)
+            # must not become the client's state.
+            self.recorder.paths.client_checkpoint(round_index, self.client_id).unlink(missing_ok=True)
         if state is None:
             state = self.recorder.latest_client_state(self.client_id, round_index, self.device)
         if self.method.personalizes:
@@ -159,14 +164,27 @@ class NodeRuntime:
         return score
 
 
-_OPEN: dict[tuple, NodeRuntime] = {}
+# One process may serve several nodes (a simulation's Ray worker does): the
+# dataset, frozen model and test features are opened once per run and shared;
+# a client's runtime on top of them is cheap.
+_SESSIONS: dict[tuple, Session] = {}
+_RUNTIMES: dict[tuple, NodeRuntime] = {}
+
+
+def _shared_session(settings: TrainSettings, partition: Partition, sha: str, data_root: Path, workspace: Workspace) -> Session:
+    key = (sha, run_fingerprint(settings, sha), settings.device, str(Path(data_root).resolve()), str(workspace.root.resolve()))
+    if key not in _SESSIONS:
+        _SESSIONS.clear()  # one run at a time per process: free the previous model
+        _RUNTIMES.clear()
+        _SESSIONS[key] = open_session(settings, partition, sha, data_root, workspace.features_cache_dir, progress=False)
+    return _SESSIONS[key]
 
 
 def node_runtime(setup: NodeSetup, run: RunInfo) -> NodeRuntime:
-    """The node's runtime for ``run``, opened once per process (the model and data stay loaded)."""
+    """The node's runtime for ``run``, checked and opened once per process and node."""
     key = (setup, run.run_id, run.fingerprint, run.partition_sha256)
-    if key not in _OPEN:
-        _OPEN.clear()  # one run at a time per process: free the previous model
-        _OPEN[key] = NodeRuntime(setup, run)
-    return _OPEN[key]
+    if key not in _RUNTIMES:
+        runtime = NodeRuntime(setup, run)
+        _RUNTIMES[key] = runtime
+    return _RUNTIMES[key]
 

@@ -21,11 +21,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pfedmoap_cli.artifacts.atomic import atomic_write_text
 from pfedmoap_cli.artifacts.partition import resolve_partition_path
 from pfedmoap_cli.engine.runner import IfExists, RunJob, Trainer, execute_run
 from pfedmoap_cli.engine.session import build_method
@@ -53,9 +54,17 @@ class FlowerGridRuntime:
 
     grid: Grid
     options: FlowerOptions = FlowerOptions()
+    #: Client states stay on the SuperNodes (the run folder is marked so).
+    clients_on_nodes: ClassVar[bool] = True
 
     def open(self, job: RunJob) -> Trainer:
         _, method = build_method(job.settings, job.partition)
+        # Re-scoring or resuming in one process would find no client states here
+        # and silently score every client as never trained: mark the run.
+        atomic_write_text(
+            job.paths.clients_on_nodes,
+            json.dumps({"client_states": "on the SuperNodes, under each node's workspace/runs/" + job.run_id}) + "\n",
+        )
         run = RunInfo.of(job.run_id, job.settings, job.partition_sha256)
         server = FlowerServer(self.grid, method, run, job.partition, job.paths, self.options, progress=job.progress)
         return lambda stop_after, on_round: server.run(stop_after=stop_after, on_round=on_round)
