@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install pfedmoap with the tested versions (CPU torch, offline models).
+# Create .venv and install pfedmoap with the tested versions (CPU torch, offline models),
+# with the dev tools and the Flower extra (one pinned set: constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -7,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev,flower]'
 .venv/bin/pfedmoap --version

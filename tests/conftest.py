@@ -114,3 +114,32 @@ def micro_clip_test_split() -> ZeroShotSplit:
         labels=torch.tensor([s.label for s in samples]),
         text=encode_texts(clip, [f"a photo of a {name}." for name in source.class_names]),
     )
+
+
+# ---- Flower ------------------------------------------------------------------------------------
+
+#: Set to 1 (CI does) to make a missing Flower fail the Flower tests instead of skipping them.
+REQUIRE_FLOWER_ENV = "PFEDMOAP_REQUIRE_FLOWER"
+
+
+def require_flower():
+    """The imported ``flwr`` module, for tests that need Flower: ``flwr = require_flower()``.
+
+    Without Flower (it is the optional ``[flower]`` extra) the test is skipped,
+    unless ``PFEDMOAP_REQUIRE_FLOWER=1`` is set, as in CI, where it fails instead:
+    there a missing Flower is a broken install, not an optional feature left out.
+    """
+    import importlib
+    import os
+
+    try:
+        return importlib.import_module("flwr")
+    except ImportError as error:
+        if os.environ.get(REQUIRE_FLOWER_ENV, "") == "1":
+            pytest.fail(
+                f"Flower is required ({REQUIRE_FLOWER_ENV}=1) but 'import flwr' failed: {error}. "
+                "Install it with: pip install -c constraints.txt -e '.[dev,flower]'",
+                pytrace=False,
+            )
+        # allow_module_level: test modules call this at import time to skip as a whole.
+        pytest.skip(f"Flower not installed (pip install -e '.[flower]'): {error}", allow_module_level=True)

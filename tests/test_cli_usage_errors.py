@@ -19,22 +19,32 @@ SCRIPT = Path(sys.executable).with_name("pfedmoap")
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, usage, words",
     [
-        (["partition", "--nosuch"], "No such option: --nosuch"),
-        (["train", "--rounds", "abc"], "Invalid value for '--rounds'"),
-        (["nosuchcommand"], "No such command 'nosuchcommand'"),
-        (["sweep"], "Missing option '--table'"),
+        # older click (and typer 0.29's own copy of it) says "No such option: --nosuch", click 8.5 "No such option '--nosuch'."
+        (["partition", "--nosuch"], "Usage: pfedmoap partition ", ("No such option", "--nosuch")),
+        (["train", "--rounds", "abc"], "Usage: pfedmoap train ", ("Invalid value for '--rounds'",)),
+        (["nosuchcommand"], "Usage: pfedmoap [OPTIONS] COMMAND", ("No such command 'nosuchcommand'",)),
+        (["sweep"], "Usage: pfedmoap sweep ", ("Missing option '--table'",)),
     ],
 )
-def test_usage_errors_show_usage_and_exit_2(tmp_path, args, message):
+def test_usage_errors_show_usage_and_exit_2(tmp_path, args, usage, words):
+    """Exit 2, the usage line of the command that was run, and one ``Error:`` line naming what was wrong.
+
+    The exact wording of click's messages varies between click versions, so the
+    error line is checked for the words that matter (the message kind and the
+    option or command it is about), not for one version's punctuation.
+    """
     if not SCRIPT.exists():
         pytest.skip(f"no installed console script at {SCRIPT}")
     env = {k: v for k, v in os.environ.items() if k != "PFEDMOAP_DEBUG"}
     done = subprocess.run([str(SCRIPT), "--workspace", str(tmp_path / "ws"), *args], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2, (done.returncode, done.stderr)
-    assert message in done.stderr, done.stderr
-    assert done.stderr.startswith("Usage: pfedmoap"), done.stderr
+    assert done.stderr.startswith(usage), done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, done.stderr
+    for word in words:
+        assert word in errors[0], (word, done.stderr)
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
 
 
