@@ -21,7 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
-pytest.importorskip("flwr") if os.environ.get("PFEDMOAP_REQUIRE_FLOWER") != "1" else None
+from conftest import require_flower
+
+require_flower()  # without Flower: skipped, or failed where PFEDMOAP_REQUIRE_FLOWER=1 (CI)
 
 from flower_harness import FlowerDeployment  # noqa: E402
 
@@ -111,6 +113,10 @@ def test_three_supernodes_on_loopback_equal_the_in_process_engine(world):
 
     run_dir = server / "runs" / reference.name
     assert run_dir.is_dir(), "the deployed run has the in-process run's id (same settings, same partition)"
+    # The client states are on the nodes: re-scoring here would treat every
+    # client as never trained, so it is refused with the reason.
+    refused = subprocess.run([str(SCRIPT), "--quiet", "--workspace", str(server), "evaluate", "--run", reference.name], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "SuperNodes" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     deployed = values(run_dir / "metrics.csv")
     pd.testing.assert_frame_equal(deployed, values(reference / "metrics.csv"), check_exact=True)
     down = deployed[deployed.metric == "bytes_down"]

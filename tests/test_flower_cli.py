@@ -1,0 +1,200 @@
+"""``pfedmoap train --engine flower`` through the command line.
+
+1. Flower's real simulation runtime (Ray), started by the installed console
+   script in a subprocess, writes bit for bit the run files of the local
+   engine (pFedMoAP; PromptFL resumed on Flower after a local start, which also
+   shows that the engine is not part of the run id). Two simulations only:
+   each costs tens of seconds of Ray start-up on a small machine.
+2. Usage errors of the new options: exit 2, one line naming the fix.
+3. ``--write-flower-app DIR`` writes the app a deployment runs, with the
+   resolved settings of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import require_flower
+
+require_flower()  # without Flower: skipped, or failed where PFEDMOAP_REQUIRE_FLOWER=1 (CI)
+
+from conftest import one_line_error  # noqa: E402
+from test_flower_runtime import assert_same_run_files, metric_rows  # noqa: E402
+
+from pfedmoap_cli.engine.workspace import RunPaths  # noqa: E402
+
+SCRIPT = Path(sys.executable).with_name("pfedmoap")
+PARTITION = ("partition", "--dataset", "synthetic", "--iid", "--clients", "4", "--seed", "1",
+             "--option", "train_per_class=1", "--option", "test_per_class=1")
+#: 2 rounds, 2 of the 4 clients per round, the tiny ViT.
+TRAIN = ("train", "--rounds", "2", "--local-epochs", "1", "--frac", "0.5", "--n-ctx", "2", "--batch-size", "4",
+         "--lr", "0.05", "--backbone", "tiny-vit", "--pretrained", "none", "--device", "cpu", "--eval-batch-size", "64")
+METHOD_FLAGS = {
+    "pfedmoap": ("--method", "pfedmoap", "--gating-dim", "16", "--gating-heads", "4"),
+    "promptfl": ("--method", "promptfl"),
+}
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"PFEDMOAP_DEBUG", "PFEDMOAP_WORKSPACE"}}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def script(workspace: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``pfedmoap --quiet --workspace WS ARGS`` through the installed console script."""
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    return subprocess.run(
+        [str(SCRIPT), "--quiet", "--workspace", str(workspace), *args],
+        capture_output=True, text=True, timeout=timeout, env=environment(),
+    )
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def in_process(workspace: Path, *args: str) -> Result:
+    """``pfedmoap --quiet --workspace WS ARGS`` through ``main()`` in this process (no start-up cost)."""
+    from pfedmoap_cli.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["pfedmoap", "--quiet", "--workspace", str(workspace), *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_paths(workspace: Path, run_id: str) -> RunPaths:
+    return RunPaths(workspace / "runs" / run_id)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A workspace with the partition and the local (reference) runs of both methods."""
+    workspace = tmp_path_factory.mktemp("flower-cli") / "ws"
+    for args in (
+        PARTITION,
+        (*TRAIN, *METHOD_FLAGS["pfedmoap"], "--run-id", "local-pfedmoap"),
+        (*TRAIN, *METHOD_FLAGS["promptfl"], "--run-id", "local-promptfl"),
+    ):
+        result = in_process(workspace, *args)
+        assert result.exit_code == 0, result.stderr
+    return workspace
+
+
+# ---- 1. Flower's simulation runtime -----------------------------------------------------------------
+def test_flower_simulation_writes_the_local_engines_run_files(workspace):
+    done = script(workspace, *TRAIN, *METHOD_FLAGS["pfedmoap"], "--engine", "flower", "--run-id", "flower-pfedmoap")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run flower-pfedmoap: 2/2 rounds complete" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr
+    assert_same_run_files(run_paths(workspace, "flower-pfedmoap"), run_paths(workspace, "local-pfedmoap"), rounds=2)
+    record = json.loads(run_paths(workspace, "flower-pfedmoap").run_json.read_text())
+    assert record["settings"] == json.loads(run_paths(workspace, "local-pfedmoap").run_json.read_text())["settings"]
+
+
+def test_a_local_run_resumes_on_flower(workspace):
+    """Started locally and stopped after round 0, then ``--resume --engine flower`` with the same flags: the same run id."""
+    flags = (*TRAIN, *METHOD_FLAGS["promptfl"])
+    started = in_process(workspace, *flags, "--stop-after", "1")
+    assert started.exit_code == 0 and "1/2 rounds complete" in started.stdout, started.stderr
+    run_id = started.stdout.split("run ", 1)[1].split(":", 1)[0]
+    assert run_id != "local-promptfl" and run_paths(workspace, run_id).run_json.is_file()
+    runs_before = sorted(p.name for p in (workspace / "runs").iterdir())
+
+    done = script(workspace, *flags, "--resume", "--engine", "flower", "--round-timeout", "300")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"run {run_id}: 2/2 rounds complete" in done.stdout, done.stdout
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before  # no new run: the engine is not in the id
+    assert_same_run_files(run_paths(workspace, run_id), run_paths(workspace, "local-promptfl"), rounds=2)
+    # a finished run is not trained again, whichever engine is asked
+    again = in_process(workspace, *flags, "--resume", "--engine", "flower")
+    assert again.exit_code == 0 and "already complete" in again.stdout, again.stderr
+
+
+# ---- 2. usage errors ------------------------------------------------------------------------------
+def test_an_unknown_engine_is_a_usage_error(tmp_path):
+    done = script(tmp_path / "ws", "train", "--engine", "nosuch", timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("Usage: pfedmoap train "), done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert "--engine" in error and "nosuch" in error and "local" in error and "flower" in error, error
+    assert "Traceback" not in done.stderr
+
+
+def test_round_timeout_needs_the_flower_engine(cli, workspace):
+    runs_before = sorted(p.name for p in (workspace / "runs").iterdir())
+    message = one_line_error(cli(*TRAIN, "--method", "promptfl", "--round-timeout", "5", workspace=workspace))
+    assert "--round-timeout" in message and "--engine flower" in message, message
+    message = one_line_error(cli(*TRAIN, "--method", "promptfl", "--engine", "flower", "--round-timeout", "0", workspace=workspace))
+    assert "--round-timeout" in message and "positive" in message, message
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before  # refused before any run starts
+
+
+def test_flower_only_flags_without_flower_are_refused_before_the_workspace_is_read(cli, tmp_path):
+    """The flag combination is wrong whatever the workspace holds (here: no partition yet)."""
+    message = one_line_error(cli("train", "--round-timeout", "5", workspace=tmp_path / "empty"))
+    assert "--round-timeout" in message and "--engine flower" in message, message
+    message = one_line_error(cli("train", "--write-flower-app", str(tmp_path / "app"), workspace=tmp_path / "empty"))
+    assert "--write-flower-app" in message and "--engine flower" in message, message
+
+
+def test_write_flower_app_needs_the_flower_engine(cli, workspace, tmp_path):
+    message = one_line_error(cli(*TRAIN, "--method", "promptfl", "--write-flower-app", str(tmp_path / "app"), workspace=workspace))
+    assert "--write-flower-app" in message and "--engine flower" in message, message
+    assert not (tmp_path / "app").exists()
+
+
+# ---- 3. the app a deployment runs -------------------------------------------------------------------
+def test_write_flower_app_holds_the_resolved_settings(cli, workspace, tmp_path):
+    app_dir = tmp_path / "app"
+    runs_before = sorted(p.name for p in (workspace / "runs").iterdir())
+    result = cli(*TRAIN, *METHOD_FLAGS["pfedmoap"], "--engine", "flower", "--round-timeout", "120",
+                 "--write-flower-app", str(app_dir), workspace=workspace)
+    assert result.exit_code == 0, result.stderr
+    assert str(app_dir / "pyproject.toml") in result.stdout and "flwr run" in result.stdout
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before  # it writes the app, it trains nothing
+
+    document = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    app = document["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "pfedmoap_cli.flower.server_app:app",
+        "clientapp": "pfedmoap_cli.flower.client_app:app",
+    }
+    config = app["config"]
+    # the settings the same flags resolve to when training (run.json of the local run)
+    trained = json.loads(run_paths(workspace, "local-pfedmoap").run_json.read_text())
+    assert json.loads(config["settings"]) == trained["settings"]
+    assert Path(config["partition"]) == Path(trained["partition_file"]) and Path(config["partition"]).is_file()
+    assert Path(config["workspace"]) == workspace.resolve()
+    assert config["run-id"] == "" and config["round-timeout"] == 120.0
+    # and the ServerApp reads that config back into the same settings
+    from pfedmoap_cli.engine.settings import settings_from_json
+    from pfedmoap_cli.flower.server_app import DeploymentConfig
+
+    deployed = DeploymentConfig.from_run_config(config)
+    assert settings_from_json(json.loads(deployed.settings_json)).to_json() == trained["settings"]
+    assert deployed.options.round_timeout == 120.0
+    assert metric_rows(run_paths(workspace, "local-pfedmoap"))  # the reference run is a real one
