@@ -143,3 +143,19 @@ def require_flower():
             )
         # allow_module_level: test modules call this at import time to skip as a whole.
         pytest.skip(f"Flower not installed (pip install -e '.[flower]'): {error}", allow_module_level=True)
+
+
+# ---- scheduling ---------------------------------------------------------------------------------
+
+#: Modules that mostly wait on other processes (Flower's SuperLink, SuperNodes and
+#: Ray): collected first, so that pytest-xdist hands them to workers at once and
+#: the CPU-bound modules run beside them instead of after them.
+WAITING_MODULES = ("test_flower_deployment.py", "test_flower_deployment_faults.py", "test_flower_cli.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return WAITING_MODULES.index(name) if name in WAITING_MODULES else len(WAITING_MODULES)
+
+    items.sort(key=rank)  # stable: the order inside each group is kept
