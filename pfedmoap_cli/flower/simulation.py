@@ -36,13 +36,17 @@ class FlowerSimulationRuntime:
             from pfedmoap_cli.flower.client_app import make_client_app
             from pfedmoap_cli.flower.node import NodeSetup
             from pfedmoap_cli.flower.protocol import RunInfo
+            from pfedmoap_cli.flower.server import FlowerServer
             from pfedmoap_cli.flower.server_app import make_server_app
 
             run = RunInfo.of(job.run_id, job.settings, job.partition_sha256)
-            done: list[int] = []
-            server_app = make_server_app(lambda grid: done.append(
-                _server(grid, method, run, job, self.options).run(stop_after=stop_after, on_round=on_round)
-            ))
+            done: list[int] = []  # the server thread's return value
+
+            def serve(grid) -> None:
+                server = FlowerServer(grid, method, run, job.partition, job.paths, self.options, progress=job.progress)
+                done.append(server.run(stop_after=stop_after, on_round=on_round))
+
+            server_app = make_server_app(serve)
             defaults = NodeSetup(0, job.workspace.root.resolve(), job.data_root.resolve(), partition=str(job.partition_path.resolve()))
             # Ray workers inherit these; without a cap each would start one
             # thread per core and N workers would oversubscribe the machine.
@@ -65,8 +69,3 @@ class FlowerSimulationRuntime:
 
         return train
 
-
-def _server(grid, method, run, job: RunJob, options: FlowerOptions):
-    from pfedmoap_cli.flower.server import FlowerServer
-
-    return FlowerServer(grid, method, run, job.partition, job.paths, options, progress=job.progress)
