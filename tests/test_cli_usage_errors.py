@@ -63,6 +63,9 @@ def test_help_keeps_bracketed_words(command):
     assert done.returncode == 0, done.stderr
     for word in words:
         assert word in done.stdout, (word, done.stdout)
+    assert "\\[" not in done.stdout, done.stdout  # "[default: ...]" / "[required]" unescaped
+    if command == "partition":
+        assert "[default: 1]" in done.stdout and "[required]" in done.stdout, done.stdout
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:

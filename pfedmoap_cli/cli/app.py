@@ -34,6 +34,24 @@ app = typer.Typer(
 )
 
 
+def _plain_help_extras() -> None:
+    """Print "[default: 1]" and "[required]" in help as they are.
+
+    typer before 0.21 (the versions Flower 1.42 admits) escapes those brackets
+    for rich ("\\[default: 1]") even when help is plain text, so the backslash
+    reached the terminal. Escaping is only right for rich markup, which this
+    CLI does not use.
+    """
+    try:
+        from typer import rich_utils
+    except ImportError:  # typer without rich: nothing is escaped
+        return
+    rich_utils.escape_before_html_export = lambda text: text.strip()
+
+
+_plain_help_extras()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"pfedmoap {__version__}")
