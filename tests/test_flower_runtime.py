@@ -587,3 +587,22 @@ def test_nodes_that_cannot_take_part_are_refused_and_the_run_goes_on(tmp_path, c
     for client, node in good.items():
         kinds = sorted(m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == node)
         assert kinds == ["evaluate", "evaluate", "query", "train", "train"], client
+
+
+def test_a_node_refuses_work_addressed_to_another_client(world, tmp_path):
+    """A message for client 0 delivered to the node holding client 1 is refused, not trained on."""
+    from pfedmoap_cli.engine.session import build_method
+    from pfedmoap_cli.flower.protocol import RunInfo
+    from pfedmoap_cli.flower.server import FlowerServer
+
+    settings = settings_for("promptfl")
+    grid, node_of = world.grid()
+    _, method = build_method(settings, world.partition)
+    lines: list[str] = []
+    server = FlowerServer(
+        grid, method, RunInfo.of("misaddressed", settings, world.sha), world.partition, RunPaths(tmp_path / "run"), OPTIONS, progress=False, log=lines.append
+    )
+    server.node_of = {0: node_of[1]}  # a wrong map: client 0's work goes to client 1's node
+    assert server.train_round(0, method.initial_state(), [0]) == {}
+    assert any("(client 1) refused: the server addressed client 0 to this node, which holds client 1" in line for line in lines), lines
+    assert not (world.workspace.run_dir("misaddressed") / "checkpoints").exists()

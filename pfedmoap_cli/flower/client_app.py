@@ -12,7 +12,7 @@ import sys
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pfedmoap_cli.flower.node import NodeSetup, node_runtime
+from pfedmoap_cli.flower.node import NodeRuntime, NodeSetup, node_runtime
 from pfedmoap_cli.flower.protocol import (
     DOWNLOAD_RECORD,
     NODE_RECORD,
@@ -25,6 +25,7 @@ from pfedmoap_cli.flower.protocol import (
     RunInfo,
 )
 from pfedmoap_cli.flower.records import read_json_config, record_to_state, state_to_record
+from pfedmoap_cli.methods.base import State
 
 
 def _run_info(message: Message) -> RunInfo:
@@ -46,9 +47,14 @@ def make_client_app(defaults: NodeSetup | None = None) -> ClientApp:
     """A ClientApp whose nodes read their settings from ``--node-config`` over ``defaults``."""
     app = ClientApp()
 
-    def open_node(message: Message, context: Context):
+    def open_step(message: Message, context: Context) -> tuple[NodeRuntime, dict, State]:
+        """The node's runtime, the step's ``round`` record and its download; a Refusal if misaddressed."""
         setup = NodeSetup.from_node_config(context.node_config, defaults)
-        return setup, node_runtime(setup, _run_info(message))
+        node = node_runtime(setup, _run_info(message))
+        step = _round(message)
+        if int(step["client_id"]) != setup.client_id:
+            raise Refusal(f"the server addressed client {step['client_id']} to this node, which holds client {setup.client_id}", setup.client_id)
+        return node, step, record_to_state(message.content.array_records[DOWNLOAD_RECORD])
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -64,13 +70,10 @@ def make_client_app(defaults: NodeSetup | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         try:
-            setup, node = open_node(message, context)
+            node, step, download = open_step(message, context)
         except Refusal as refusal:
-            return _refused(message, None, str(refusal))
-        step = _round(message)
-        if int(step["client_id"]) != setup.client_id:
-            return _refused(message, setup.client_id, f"the server addressed client {step['client_id']} to this node, which holds client {setup.client_id}")
-        result = node.train(int(step["round"]), record_to_state(message.content.array_records[DOWNLOAD_RECORD]))
+            return _refused(message, refusal.client_id, str(refusal))
+        result = node.train(int(step["round"]), download)
         metrics = MetricRecord({"num_examples": int(result.num_examples), "train_loss": float(result.train_loss)})
         content = RecordDict({UPLOAD_RECORD: state_to_record(result.upload), RESULT_RECORD: metrics})
         return Message(content, reply_to=message)
@@ -78,13 +81,9 @@ def make_client_app(defaults: NodeSetup | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         try:
-            setup, node = open_node(message, context)
+            node, step, download = open_step(message, context)
         except Refusal as refusal:
-            return _refused(message, None, str(refusal))
-        step = _round(message)
-        if int(step["client_id"]) != setup.client_id:
-            return _refused(message, setup.client_id, f"the server addressed client {step['client_id']} to this node, which holds client {setup.client_id}")
-        download = record_to_state(message.content.array_records[DOWNLOAD_RECORD])
+            return _refused(message, refusal.client_id, str(refusal))
         score = node.evaluate(int(step["round"]), download, bool(step["trained"]))
         values = {"accuracy": float(score.accuracy), "loss": float(score.loss), "num_examples": int(score.num_examples)}
         values.update({f"extra.{name}": float(value) for name, value in score.extra.items()})

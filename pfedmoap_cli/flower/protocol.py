@@ -61,4 +61,11 @@ class RunInfo:
 
 
 class Refusal(Exception):
-    """A node cannot take part in this run; the message is the one-line reason."""
+    """A node cannot take part in this run; the message is the one-line reason.
+
+    ``client_id`` is the client the node holds, when that much is known.
+    """
+
+    def __init__(self, reason: str, client_id: int | None = None) -> None:
+        super().__init__(reason)
+        self.client_id = client_id
