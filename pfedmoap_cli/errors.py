@@ -24,3 +24,9 @@ class ArtifactError(UserError):
 
 class ConfigError(UserError):
     """Invalid settings: bad option values, unknown names, conflicting flags."""
+
+
+class FederationError(UserError):
+    """A round could not finish because clients failed on their nodes; nothing of it was recorded."""
+
+    exit_code = 1

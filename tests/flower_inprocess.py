@@ -11,7 +11,10 @@ reads from a Flower grid. Nodes can fail in the ways a deployment's nodes do:
   or a hung one) but never answers: the server's timeout passes;
 * ``late``: gets the message and does the work (its ClientApp runs, its files
   are written) but the reply arrives after the server stopped waiting; an
-  entry is a node id (every message) or ``(node id, message type)``.
+  entry is a node id (every message) or ``(node id, message type)``;
+* ``errors``: ``(node id, message type) -> n``: the next n such messages get an
+  error reply without reaching the ClientApp (what a simulation returns when a
+  worker process died), with reason ``ERROR_REASON``.
 
 A node is brought back under a new node id (like a restarted SuperNode) with
 :meth:`add_node`; it starts with nothing in memory. Each node keeps what its
@@ -25,10 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from pfedmoap_cli.flower import node as node_module
+
+#: The reason of the error replies ``errors`` makes.
+ERROR_REASON = "the worker process running this node died"
 
 
 @dataclass
@@ -40,6 +46,7 @@ class InProcessGrid:
     down: set[int] = field(default_factory=set)
     silent: set[int] = field(default_factory=set)
     late: set = field(default_factory=set)
+    errors: dict = field(default_factory=dict)
     sent: list[Message] = field(default_factory=list)
     received: list[tuple[Message, Message]] = field(default_factory=list)
     next_id: int = 101
@@ -66,6 +73,13 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if node in self.down or node in self.silent or node not in self.nodes:
                 continue  # a dead or hung node: no reply (the server's timeout passes)
+            kind = (node, message.metadata.message_type)
+            if self.errors.get(kind, 0) > 0:
+                self.errors[kind] -= 1
+                reply = Message(Error(code=0, reason=ERROR_REASON), reply_to=message)
+                self.received.append((message, reply))
+                replies.append(reply)
+                continue
             context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(), run_config={})
             reply = self._deliver(node, message, context)
             if node in self.late or (node, message.metadata.message_type) in self.late:

@@ -54,10 +54,9 @@ def make_runtime(engine: Engine, round_timeout: float | None):
     from pfedmoap_cli.flower import require_flower
 
     require_flower()
-    from pfedmoap_cli.flower.server import FlowerOptions
-    from pfedmoap_cli.flower.simulation import FlowerSimulationRuntime
+    from pfedmoap_cli.flower.simulation import FlowerSimulationRuntime, simulation_options
 
-    return FlowerSimulationRuntime(FlowerOptions(round_timeout=check_timeout(round_timeout)))
+    return FlowerSimulationRuntime(simulation_options(check_timeout(round_timeout)))
 
 
 def check_timeout(round_timeout: float | None) -> float:

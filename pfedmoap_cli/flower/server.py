@@ -8,7 +8,10 @@ holds the client:
 2. each participant's node gets its own ``train`` message with the method's
    :meth:`client_download` (a pFedMoAP client gets exactly its experts) and
    answers with its upload; nodes that do not answer within the round
-   timeout are recorded as missing and the round goes on without them;
+   timeout are recorded as missing and the round goes on without them
+   (a deployment), or are asked again and then stop the run before anything
+   of the round is written (a simulation, where every node is this machine's
+   and a missing client is a failure, not a fault to model);
 3. the method aggregates the uploads that arrived (FedAvg weights over the
    clients that answered);
 4. every client's node gets an ``evaluate`` message with the method's
@@ -20,7 +23,8 @@ holds the client:
 
 Flower node ids are not client ids: every node that appears is asked (a
 ``query`` message) which client it holds, and refused nodes are left out with
-their one-line reason logged on both sides.
+their one-line reason logged on both sides; a node that did not answer the
+question is asked again in the next round.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pfedmoap_cli.engine.federation import RoundSummary, clone_state
 from pfedmoap_cli.engine.recorder import RunRecorder
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
 from pfedmoap_cli.engine.workspace import RunPaths
+from pfedmoap_cli.errors import FederationError
 from pfedmoap_cli.flower.protocol import (
     DOWNLOAD_RECORD,
     EVALUATE,
@@ -70,6 +75,29 @@ class FlowerOptions:
     join_timeout: float = 300.0
     #: Longest wait for a node's answer to the handshake (it opens its data and model).
     query_timeout: float = 300.0
+    #: How many more times a client's step is sent after it failed (an error
+    #: reply, a refusal, or no reply in time) before the client counts as failed.
+    retries: int = 0
+    #: A client that still failed stops the run with :class:`FederationError`
+    #: (the round is not recorded; ``--resume`` redoes it) instead of being
+    #: recorded as missing. For simulations: there, a missing client is a crash.
+    require_every_client: bool = False
+
+
+def error_summary(reason: str) -> str:
+    """One line of a node's error reply.
+
+    Flower puts a ClientApp's whole remote traceback in the reason; what a
+    user needs on one line is its last line (the exception and its message).
+    """
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    if not lines:
+        return "an error without a reason"
+    last = lines[-1].removesuffix("'>").strip()
+    marker = "occurred. Message:"  # Flower's wrapper of the ClientApp's own exception
+    if marker in last:
+        return f"the ClientApp raised: {last.split(marker, 1)[1].strip()}"
+    return last
 
 
 def _log(text: str) -> None:
@@ -103,29 +131,36 @@ class FlowerServer:
     def _content(self, **records) -> RecordDict:
         return RecordDict({RUN_RECORD: json_config(run=self.run_info.to_json()), **records})
 
-    def _exchange(self, messages: dict[int, Message], timeout: float) -> dict[int, Message]:
-        """Send each node its own message; the replies that arrived in time, by node id.
+    def _exchange(self, messages: dict[int, Message], timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send each node its own message; the replies that arrived in time and why the others did not, by node id.
 
         Replies are matched to what was sent by message id: an error about an
         unreachable node comes from the SuperLink, not from that node.
         """
         if not messages:
-            return {}
+            return {}, {}
         sent = list(messages.items())
         replies = list(self.grid.send_and_receive([message for _, message in sent], timeout=timeout))
         node_of_message = {message.metadata.message_id: node for node, message in sent if message.metadata.message_id}
-        answered = {}
+        answered: dict[int, Message] = {}
+        problems: dict[int, str] = {}
         for reply in replies:
             node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
-                self.log(f"node {node} did not answer: {reply.error.reason}")
+                problems[node] = f"error: {error_summary(reply.error.reason)}"
+                self.log(f"node {node} did not answer: {error_summary(reply.error.reason)}")
                 continue
             refusal = reply.content.config_records.get(NODE_RECORD)
             if refusal is not None and refusal.get("refused"):
+                problems[node] = f"refused: {refusal['refused']}"
                 self.log(f"node {node} (client {refusal.get('client_id')}) refused: {refusal['refused']}")
                 continue
             answered[node] = reply
-        return answered
+        for node in messages:
+            if node not in answered and node not in problems:
+                problems[node] = f"no reply within {timeout:g} s"
+                self.log(f"node {node} did not answer within {timeout:g} s")
+        return answered, problems
 
     # ---- which node holds which client ---------------------------------------
     def discover(self) -> None:
@@ -135,9 +170,13 @@ class FlowerServer:
         new = sorted(present - self.asked)
         if not new:
             return
-        self.asked.update(new)
         queries = {node: Message(self._content(), dst_node_id=node, message_type=QUERY) for node in new}
-        for node, reply in sorted(self._exchange(queries, self.options.query_timeout).items()):
+        answered, problems = self._exchange(queries, self.options.query_timeout)
+        # A refusal is final for that node process; no answer (an error, a
+        # timeout) is not: such a node is asked again next time.
+        self.asked.update(answered)
+        self.asked.update(node for node, why in problems.items() if why.startswith("refused"))
+        for node, reply in sorted(answered.items()):
             client = int(reply.content.config_records[NODE_RECORD]["client_id"])
             previous = self.node_of.get(client)
             if previous is not None and previous != node:
@@ -202,15 +241,44 @@ class FlowerServer:
         content = self._content(**{ROUND_RECORD: json_config(round=round_index, client_id=client, **extra), DOWNLOAD_RECORD: download})
         return Message(content, dst_node_id=self.node_of[client], message_type=kind, group_id=str(round_index))
 
-    def _by_client(self, replies: dict[int, Message], clients: Iterable[int]) -> dict[int, Message]:
-        return {c: replies[self.node_of[c]] for c in clients if self.node_of.get(c) in replies}
+    def _gather(self, kind: str, round_index: int, clients: Iterable[int], build: Callable[[int], Message]) -> dict[int, Message]:
+        """One step of a round for ``clients``: their replies by client id.
+
+        Clients whose step failed are sent it again ``retries`` times; with
+        ``require_every_client``, one that still failed (or has no node) stops
+        the run before anything of the round is written.
+        """
+        clients = list(clients)
+        pending = [c for c in clients if c in self.node_of]
+        replies: dict[int, Message] = {}
+        why: dict[int, str] = {c: "no node holds it" for c in clients if c not in self.node_of}
+        for attempt in range(1 + max(self.options.retries, 0)):
+            if attempt > 0:
+                self.log(f"round {round_index}: sending {kind} again to clients {pending} (attempt {attempt + 1})")
+            answered, problems = self._exchange({self.node_of[c]: build(c) for c in pending}, self.options.round_timeout)
+            for client in pending:
+                node = self.node_of[client]
+                if node in answered:
+                    replies[client] = answered[node]
+                    why.pop(client, None)
+                else:
+                    why[client] = problems.get(node, "no reply")
+            pending = [c for c in pending if c not in replies]
+            if not pending:
+                break
+        if self.options.require_every_client and why:
+            first = min(why)
+            raise FederationError(
+                f"round {round_index}: {kind} failed for clients {sorted(why)} (client {first}: {why[first]}); "
+                "nothing of this round was written: fix the cause and run the same command with --resume"
+            )
+        return replies
 
     def train_round(self, round_index: int, start_state: State, participants: list[int]) -> dict[int, ClientResult]:
         """Send every reachable participant its own download; the results that came back."""
         reachable = [c for c in participants if c in self.node_of]
         downloads = {c: state_to_record(self.method.client_download(start_state, c, round_index)) for c in reachable}
-        messages = {self.node_of[c]: self._step_message(c, TRAIN, round_index, downloads[c]) for c in reachable}
-        replies = self._by_client(self._exchange(messages, self.options.round_timeout), reachable)
+        replies = self._gather(TRAIN, round_index, participants, lambda c: self._step_message(c, TRAIN, round_index, downloads[c]))
         results = {}
         for client, reply in sorted(replies.items()):
             upload_record = reply.content.array_records[UPLOAD_RECORD]
@@ -227,14 +295,11 @@ class FlowerServer:
 
     def evaluate_round(self, view: RoundView, trained: set[int]) -> list[ClientScore]:
         """Every reachable client scored on its node; the scores that came back, by client id."""
-        reachable = [c for c in range(self.num_clients) if c in self.node_of]
-        messages = {
-            self.node_of[c]: self._step_message(
-                c, EVALUATE, view.round_index, state_to_record(self.method.evaluation_download(view, c)), trained=c in trained
-            )
-            for c in reachable
-        }
-        replies = self._by_client(self._exchange(messages, self.options.round_timeout), reachable)
+        downloads = {c: state_to_record(self.method.evaluation_download(view, c)) for c in range(self.num_clients) if c in self.node_of}
+        replies = self._gather(
+            EVALUATE, view.round_index, range(self.num_clients),
+            lambda c: self._step_message(c, EVALUATE, view.round_index, downloads[c], trained=c in trained),
+        )
         scores = []
         for client, reply in sorted(replies.items()):
             values = reply.content.metric_records[SCORE_RECORD]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pfedmoap_cli.engine.runner import RunJob, Trainer
 from pfedmoap_cli.engine.session import build_method, open_partition_dataset
@@ -18,11 +18,18 @@ from pfedmoap_cli.flower import require_flower
 from pfedmoap_cli.flower.server import FlowerOptions
 
 
+def simulation_options(round_timeout: float = FlowerOptions.round_timeout) -> FlowerOptions:
+    """A simulation's server options: every virtual node runs on this machine,
+    so a failed step is sent once more and a client that still fails stops
+    the run (with the node's reason) instead of becoming a silent missing row."""
+    return FlowerOptions(round_timeout=round_timeout, retries=1, require_every_client=True)
+
+
 @dataclass(frozen=True)
 class FlowerSimulationRuntime:
     """Runs the rounds on Flower's simulation runtime (Ray), ``cpus_per_client`` cores per virtual node."""
 
-    options: FlowerOptions = FlowerOptions()
+    options: FlowerOptions = field(default_factory=simulation_options)
     cpus_per_client: float = 1.0
 
     def open(self, job: RunJob) -> Trainer:
@@ -41,10 +48,15 @@ class FlowerSimulationRuntime:
 
             run = RunInfo.of(job.run_id, job.settings, job.partition_sha256)
             done: list[int] = []  # the server thread's return value
+            failed: list[Exception] = []  # ... or what it raised
 
             def serve(grid) -> None:
                 server = FlowerServer(grid, method, run, job.partition, job.paths, self.options, progress=job.progress)
-                done.append(server.run(stop_after=stop_after, on_round=on_round))
+                try:
+                    done.append(server.run(stop_after=stop_after, on_round=on_round))
+                except Exception as error:
+                    failed.append(error)
+                    raise
 
             server_app = make_server_app(serve)
             defaults = NodeSetup(0, job.workspace.root.resolve(), job.data_root.resolve(), partition=str(job.partition_path.resolve()))
@@ -52,19 +64,29 @@ class FlowerSimulationRuntime:
             # thread per core and N workers would oversubscribe the machine.
             os.environ.setdefault("OMP_NUM_THREADS", str(max(int(self.cpus_per_client), 1)))
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            if not os.environ.get("PFEDMOAP_DEBUG"):
-                # Flower's own log (a deprecation notice, debug lines) would bury the
-                # run's progress; PFEDMOAP_DEBUG=1 shows it.
-                logging.getLogger("flwr").setLevel(logging.ERROR)
-            run_simulation(
-                server_app=server_app,
-                client_app=make_client_app(defaults),
-                num_supernodes=job.partition.num_clients,
-                backend_config={
-                    "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": max(os.cpu_count() or 1, int(self.cpus_per_client)), "include_dashboard": False},
-                },
-            )
+            debug = bool(os.environ.get("PFEDMOAP_DEBUG"))
+            if not debug:
+                # Flower's own log (a deprecation notice, remote tracebacks) and the
+                # Ray workers' output would bury the run's progress; the server
+                # logs each failed step in one line. PFEDMOAP_DEBUG=1 shows it all.
+                logging.getLogger("flwr").setLevel(logging.CRITICAL)
+            try:
+                run_simulation(
+                    server_app=server_app,
+                    client_app=make_client_app(defaults),
+                    num_supernodes=job.partition.num_clients,
+                    backend_config={
+                        "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(self.cpus_per_client)), "include_dashboard": False,
+                                      "log_to_driver": debug},
+                    },
+                )
+            except Exception:
+                if failed:  # the server's own error (a FederationError names its fix), not Flower's wrapper
+                    raise failed[0] from None
+                raise
+            if failed:
+                raise failed[0]
             return done[0] if done else 0
 
         return train
