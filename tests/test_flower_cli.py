@@ -189,7 +189,9 @@ def test_write_flower_app_holds_the_resolved_settings(cli, workspace, tmp_path):
     # the settings the same flags resolve to when training (run.json of the local run)
     trained = json.loads(run_paths(workspace, "local-pfedmoap").run_json.read_text())
     assert json.loads(config["settings"]) == trained["settings"]
-    assert Path(config["partition"]) == Path(trained["partition_file"]) and Path(config["partition"]).is_file()
+    from pfedmoap_cli.engine.run_record import partition_path_of
+
+    assert Path(config["partition"]).resolve() == partition_path_of(trained, workspace).resolve() and Path(config["partition"]).is_file()
     assert Path(config["workspace"]) == workspace.resolve()
     assert config["run-id"] == "" and config["round-timeout"] == 120.0
     # and the ServerApp reads that config back into the same settings

@@ -80,12 +80,12 @@ def recompute_round2_update(run_dir: Path, node: Path, kept: Path):
     """Client 2's round-2 update from ``kept`` (and, for contrast, from no state), in this process."""
     from pfedmoap_cli.artifacts.partition import load_partition
     from pfedmoap_cli.engine.federation import Federation
-    from pfedmoap_cli.engine.run_record import read_run_record, run_settings
+    from pfedmoap_cli.engine.run_record import partition_path_of, read_run_record, run_settings
     from pfedmoap_cli.engine.session import open_session
     from pfedmoap_cli.engine.workspace import RunPaths
 
     record = read_run_record(RunPaths(run_dir))
-    partition, sha = load_partition(Path(record["partition_file"]))
+    partition, sha = load_partition(partition_path_of(record, run_dir.parent.parent))  # run_dir is <workspace>/runs/<id>
     session = open_session(run_settings(record), partition, sha, node / "data", node / "cache" / "features", progress=False)
     federation = Federation(session, record["run_id"], RunPaths(node / "scratch"), progress=False)
     start, _ = load_checkpoint(run_dir / "checkpoints" / "round-0001" / "global.safetensors")

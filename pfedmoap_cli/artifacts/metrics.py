@@ -35,6 +35,18 @@ class MetricRow:
 
 
 METRIC_COLUMNS = [f.name for f in fields(MetricRow)]
+#: The first line of every metrics CSV.
+METRICS_HEADER = ",".join(METRIC_COLUMNS) + "\n"
+
+
+def format_metric_rows(rows: Iterable[MetricRow]) -> str:
+    """The CSV lines of ``rows`` exactly as :func:`append_metrics` writes them (no header)."""
+    return _format(rows)
+
+
+def write_metrics_text(path: Path, body: str) -> None:
+    """Atomically replace the CSV at ``path`` with the header and ``body`` (rows already formatted)."""
+    atomic_write_text(Path(path), METRICS_HEADER + body)
 
 
 def _format(rows: Iterable[MetricRow]) -> str:
@@ -63,7 +75,7 @@ def _format(rows: Iterable[MetricRow]) -> str:
 def append_metrics(path: Path, rows: Iterable[MetricRow]) -> None:
     """Append ``rows`` to the CSV at ``path`` (header written on creation)."""
     path = Path(path)
-    existing = path.read_text() if path.exists() else ",".join(METRIC_COLUMNS) + "\n"
+    existing = path.read_text() if path.exists() else METRICS_HEADER
     atomic_write_text(path, existing + _format(rows))
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pfedmoap_cli.artifacts.atomic import atomic_write_text
-from pfedmoap_cli.artifacts.metrics import METRIC_COLUMNS, append_metrics
+from pfedmoap_cli.artifacts.metrics import format_metric_rows, write_metrics_text
 from pfedmoap_cli.artifacts.partition import load_partition
 from pfedmoap_cli.engine.federation import Federation
-from pfedmoap_cli.engine.run_record import completed_rounds, read_run_record, run_settings
+from pfedmoap_cli.engine.run_record import completed_rounds, partition_path_of, read_run_record, run_settings
 from pfedmoap_cli.engine.session import open_session
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import ArtifactError, ConfigError
@@ -45,21 +43,26 @@ def evaluate(
             f"run {run} was trained on Flower SuperNodes and its client states are on them, not here; "
             "it cannot be re-scored from this workspace"
         )
-    done = completed_rounds(paths)
+    done = completed_rounds(paths, settings.rounds)
     if done == 0:
         raise ArtifactError(f"run {run} has no complete round yet; train it first ('pfedmoap train --resume --run-id {run}')")
     rounds = list(range(done)) if round_ is None else [round_]
     if any(r < 0 or r >= done for r in rounds):
         raise ConfigError(f"--round must be between 0 and {done - 1} for run {run}")
-    partition, sha = load_partition(Path(record["partition_file"]))
+    partition_path = partition_path_of(record, cli.ws.root)
+    partition, sha = load_partition(partition_path)
     if sha != record["partition_sha256"]:
-        raise ArtifactError(f"partition {record['partition_file']} changed since run {run} was trained; it cannot be re-scored")
+        raise ArtifactError(f"partition {partition_path} changed since run {run} was trained; it cannot be re-scored")
     session = open_session(settings, partition, sha, cli.data_root, cli.ws.features_cache_dir, progress=cli.progress)
     federation = Federation(session, run, paths, progress=cli.progress)
-    atomic_write_text(paths.evaluation_csv, ",".join(METRIC_COLUMNS) + "\n")
+    # Every round is scored (its files verified first) before anything is
+    # written, and the file is replaced whole: a failed evaluate leaves the
+    # previous evaluation.csv as it was.
+    body = []
     for r in rounds:
         rows = federation.reevaluate(r)
-        append_metrics(paths.evaluation_csv, rows)
+        body.append(format_metric_rows(rows))
         accuracies = [row.value for row in rows if row.metric == "accuracy"]
         typer.echo(f"round {r}: mean client accuracy {100 * sum(accuracies) / len(accuracies):.2f}% over {len(accuracies)} clients")
+    write_metrics_text(paths.evaluation_csv, "".join(body))
     typer.echo(f"written to {paths.evaluation_csv}")

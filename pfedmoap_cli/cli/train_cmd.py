@@ -11,7 +11,7 @@ import typer
 
 from pfedmoap_cli.artifacts.partition import load_partition, resolve_partition_path
 from pfedmoap_cli.cli.parsing import parse_key_values
-from pfedmoap_cli.engine.run_record import read_run_record, run_settings
+from pfedmoap_cli.engine.run_record import partition_path_of, read_run_record, run_settings
 from pfedmoap_cli.engine.runner import IfExists, execute_run
 from pfedmoap_cli.engine.session import applicable_options
 from pfedmoap_cli.engine.settings import TrainSettings, merge_settings, validate_settings
@@ -182,7 +182,7 @@ def train(
             raise ConfigError(f"--resume --run-id takes its settings from the run; drop {drop}")
         settings = run_settings(record)
         settings = validate_settings(merge_settings(settings, {"device": device}, "the command line"))
-        partition_path = Path(record["partition_file"])
+        partition_path = partition_path_of(record, ws.root)
         if load_partition(partition_path)[1] != record["partition_sha256"]:
             raise ArtifactError(f"partition {partition_path} changed since run {run_id} started; it cannot be resumed")
     else:

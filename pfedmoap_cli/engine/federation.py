@@ -9,7 +9,8 @@ One round t (PROTOCOL.md sections 3 and 4):
 3. the method aggregates the uploads into the new server state;
 4. every client is scored on its own test set;
 5. metrics rows, the server checkpoint and every client checkpoint are written,
-   and only then is the round marked complete. ``resume`` restarts after the
+   then the round's manifest (hashes of those files, its metric rows), and
+   only then is the round marked complete. ``resume`` restarts after the
    last complete round and reproduces an uninterrupted run exactly.
 """
 
@@ -21,11 +22,11 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics, truncate_metrics
+from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics
 from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches, ordered_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
 from pfedmoap_cli.engine.recorder import RunRecorder, to_device
-from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
+from pfedmoap_cli.engine.run_record import mark_round_complete, prepare_resume
 from pfedmoap_cli.seeding import derive_seed, sample_clients, torch_generator
 from pfedmoap_cli.engine.session import Session
 from pfedmoap_cli.engine.workspace import RunPaths
@@ -172,14 +173,13 @@ class Federation:
         simulate an interruption in tests); the run can then be resumed.
         """
         total = self.settings.rounds
-        done = completed_rounds(self.paths)
+        # Continue after the last round whose files verify (metrics.csv and
+        # progress.json are brought in line with it first).
+        done = prepare_resume(self.paths, self.run_id, self.settings.method, total)
         if done > 0:
             server_state, client_states = self.load_round(done - 1)
-            truncate_metrics(self.paths.metrics_csv, done - 1)
         else:
             server_state, client_states = self.initial_state(), {}
-            if self.paths.metrics_csv.exists():
-                self.paths.metrics_csv.unlink()
         end = total if stop_after is None else min(total, stop_after)
         rounds = tqdm(range(done, end), desc=f"{self.settings.method} rounds", disable=not self.progress, initial=done, total=total)
         for round_index in rounds:
@@ -209,14 +209,23 @@ class Federation:
             new_client_states = self.personalize(round_index, new_server_state, new_client_states)
         view = RoundView(round_index, frozenset(participants), start_state, new_server_state, new_client_states)
         scores = self.evaluate(view)
-        append_metrics(self.paths.metrics_csv, self.metric_rows(round_index, scores, results))
+        rows = self.metric_rows(round_index, scores, results)
+        append_metrics(self.paths.metrics_csv, rows)
         self.save_round(round_index, new_server_state, new_client_states)
+        # The manifest seals what was written; only then is the round complete.
+        self.recorder.write_manifest(round_index, rows)
         mark_round_complete(self.paths, round_index + 1, self.settings.rounds)
         mean = sum(s.accuracy for s in scores) / max(len(scores), 1)
         return new_server_state, new_client_states, RoundSummary(round_index, tuple(participants), mean)
 
     def reevaluate(self, round_index: int) -> list[MetricRow]:
-        """Score the saved checkpoints of a complete round again (``pfedmoap evaluate``)."""
+        """Score the saved checkpoints of a complete round again (``pfedmoap evaluate``).
+
+        The round (and the one before, whose server state it started from)
+        must verify against their manifests first.
+        """
+        for checked in range(max(round_index - 1, 0), round_index + 1):
+            self.recorder.verify_round(checked)
         server_state, client_states = self.load_round(round_index)
         start_state = self.load_round(round_index - 1)[0] if round_index > 0 else self.initial_state()
         participants = sample_clients(self.num_clients, self.settings.frac, self.settings.seed, round_index) if self.method.trains else []

@@ -12,18 +12,28 @@ from typing import Iterable, Mapping
 
 import torch
 
-from pfedmoap_cli.artifacts.checkpoint import load_checkpoint, save_checkpoint
-from pfedmoap_cli.artifacts.metrics import MetricRow
+from pfedmoap_cli.artifacts.checkpoint import CheckpointIdentity, load_checkpoint, save_checkpoint
+from pfedmoap_cli.artifacts.manifest import RoundManifest, verify_round, write_round_manifest
+from pfedmoap_cli.artifacts.metrics import MetricRow, format_metric_rows
 from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.engine.evaluation import ClientScore
 from pfedmoap_cli.engine.settings import TrainSettings
 from pfedmoap_cli.engine.workspace import RunPaths
+from pfedmoap_cli.errors import ArtifactError
 from pfedmoap_cli.methods.base import ClientResult, State
 
 #: The metric recorded (value 1.0) for a client that did not answer in a round:
 #: split "train" for a participant whose update never arrived, "test" for a
 #: client that could not be scored.
 MISSING_METRIC = "missing"
+
+
+def _client_of(path) -> int:
+    """The client id in a ``client-NNNN.safetensors`` name."""
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ArtifactError(f"{path} is not a client checkpoint name (client-NNNN.safetensors); remove it") from None
 
 
 def to_device(state: Mapping[str, torch.Tensor], device: torch.device | str) -> State:
@@ -105,26 +115,44 @@ class RunRecorder:
         """Write one client's checkpoint of a round (where that client's state lives)."""
         save_checkpoint(self.paths.client_checkpoint(round_index, client_id), state, self._metadata(round_index, str(client_id)))
 
+    def identity(self, round_index: int, client: str) -> CheckpointIdentity:
+        """What the metadata of this run's checkpoint of ``round_index`` and ``client`` must say."""
+        return CheckpointIdentity(self.run_id, round_index, client, self.settings.method)
+
     def load_server_state(self, round_index: int, device: torch.device | str) -> State:
-        """The server checkpoint of a complete round."""
-        tensors, _ = load_checkpoint(self.paths.global_checkpoint(round_index))
+        """The server checkpoint of a complete round (its metadata checked against where it lies)."""
+        tensors, _ = load_checkpoint(self.paths.global_checkpoint(round_index), self.identity(round_index, "server"))
         return to_device(tensors, device)
 
     def load_client_states(self, round_index: int, device: torch.device | str) -> dict[int, State]:
-        """Every client checkpoint of a round, by client id."""
+        """Every client checkpoint of a round, by client id (each file's metadata checked against its name)."""
         clients: dict[int, State] = {}
         for path in sorted(self.paths.round_dir(round_index).glob("client-*.safetensors")):
-            tensors, meta = load_checkpoint(path)
-            clients[int(meta["client_id"])] = to_device(tensors, device)
+            client_id = _client_of(path)
+            tensors, _ = load_checkpoint(path, self.identity(round_index, str(client_id)))
+            clients[client_id] = to_device(tensors, device)
         return clients
 
     def client_state_of_round(self, round_index: int, client_id: int, device: torch.device | str) -> State | None:
-        """The client's checkpoint of exactly ``round_index`` (None if there is none)."""
+        """The client's checkpoint of exactly ``round_index`` (None if there is none).
+
+        On a node there is no manifest to check it against (the server's covers
+        the server's files only), so at least its metadata must match.
+        """
         path = self.paths.client_checkpoint(round_index, client_id)
         if not path.is_file():
             return None
-        tensors, _ = load_checkpoint(path)
+        tensors, _ = load_checkpoint(path, self.identity(round_index, str(client_id)))
         return to_device(tensors, device)
+
+    # ---- manifests -------------------------------------------------------
+    def write_manifest(self, round_index: int, rows: Iterable[MetricRow]) -> RoundManifest:
+        """Seal a round: hash its checkpoint files and keep its metric rows (after both are written)."""
+        return write_round_manifest(self.paths.round_dir(round_index), self.run_id, round_index, self.settings.method, format_metric_rows(rows))
+
+    def verify_round(self, round_index: int) -> RoundManifest:
+        """The round's manifest, after checking every file of the round folder against it."""
+        return verify_round(self.paths.round_dir(round_index), self.run_id, round_index, self.settings.method)
 
     def latest_client_state(self, client_id: int, before_round: int, device: torch.device | str) -> State | None:
         """The client's newest checkpoint of a round before ``before_round`` (None if none).

@@ -10,7 +10,7 @@ from typing import Callable, Protocol
 from pfedmoap_cli.artifacts.partition import Partition, load_partition
 from pfedmoap_cli.artifacts.run_lock import RunLock
 from pfedmoap_cli.engine.federation import Federation, RoundSummary
-from pfedmoap_cli.engine.run_record import completed_rounds, write_run_record
+from pfedmoap_cli.engine.run_record import prepare_resume, progress_note, write_run_record
 from pfedmoap_cli.engine.session import open_session
 from pfedmoap_cli.engine.settings import TrainSettings, default_run_id
 from pfedmoap_cli.engine.workspace import RunPaths, Workspace
@@ -111,13 +111,14 @@ def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, ru
     """:func:`execute_run` once the run's lock is held."""
     paths, settings, run_id = job.paths, job.settings, job.run_id
     exists = paths.run_json.is_file()
-    done = completed_rounds(paths) if exists else 0
     if exists and if_exists is IfExists.ERROR:
         raise ArtifactError(
-            f"run {run_id} already exists ({done}/{settings.rounds} rounds); pass --resume to continue it or --run-id NAME for a new run"
+            f"run {run_id} already exists ({progress_note(paths, settings.rounds)} rounds); pass --resume to continue it or --run-id NAME for a new run"
         )
     if not exists and if_exists is IfExists.RESUME:
         raise ArtifactError(f"no run {run_id} to resume (no run matches these settings); start it without --resume")
+    # Only rounds whose files verify count; the folder is repaired to the last of them.
+    done = prepare_resume(paths, run_id, settings.method, settings.rounds) if exists else 0
     if done >= settings.rounds:
         return RunOutcome(run_id, paths, done, settings.rounds, None)
     if paths.clients_on_nodes.is_file() and not getattr(runtime, "clients_on_nodes", False):
@@ -127,7 +128,9 @@ def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, ru
         )
     trainer = runtime.open(job)
     if not exists:
-        write_run_record(paths, run_id, settings, job.partition.dataset, job.partition_path.resolve(), job.partition_sha256)
+        write_run_record(
+            paths, run_id, settings, job.partition.dataset, job.partition_path.resolve(), job.partition_sha256, job.workspace.root
+        )
     summaries: list[RoundSummary] = []
     finished = trainer(stop_after, summaries.append)
     return RunOutcome(run_id, paths, finished, settings.rounds, summaries[-1] if summaries else None)

@@ -17,7 +17,8 @@ holds the client:
 4. every client's node gets an ``evaluate`` message with the method's
    evaluation download, personalises (methods that do) and scores the client
    on its own test set, where its state is;
-5. the server writes the metric rows, its checkpoint and the round marker, so
+5. the server writes the metric rows, its checkpoint, the round's manifest
+   and the round marker, so
    ``report``, ``evaluate`` and ``--resume`` read the run like any other; a
    restarted server resumes after the last complete round.
 
@@ -38,12 +39,12 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
-from pfedmoap_cli.artifacts.metrics import append_metrics, truncate_metrics
+from pfedmoap_cli.artifacts.metrics import append_metrics
 from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.engine.evaluation import ClientScore
 from pfedmoap_cli.engine.federation import RoundSummary, clone_state
 from pfedmoap_cli.engine.recorder import RunRecorder
-from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
+from pfedmoap_cli.engine.run_record import mark_round_complete, prepare_resume
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import FederationError
 from pfedmoap_cli.flower.protocol import (
@@ -199,14 +200,12 @@ class FlowerServer:
     def run(self, stop_after: int | None = None, on_round: Callable[[RoundSummary], None] | None = None) -> int:
         """Train from the last complete round to the end; return rounds completed."""
         total = self.settings.rounds
-        done = completed_rounds(self.paths)
+        # After the last round whose server-side files verify (see Federation.run).
+        done = prepare_resume(self.paths, self.run_info.run_id, self.settings.method, total, say=self.log)
         if done > 0:
             server_state = self.recorder.load_server_state(done - 1, self.device)
-            truncate_metrics(self.paths.metrics_csv, done - 1)
         else:
             server_state = self.method.initial_state()
-            if self.paths.metrics_csv.exists():
-                self.paths.metrics_csv.unlink()
         end = total if stop_after is None else min(total, stop_after)
         if done < end:
             self.wait_for_clients()
@@ -231,8 +230,12 @@ class FlowerServer:
         missing_test = sorted(set(range(self.num_clients)) - {s.client_id for s in scores})
         if missing_train or missing_test:
             self.log(f"round {round_index}: missing in training {missing_train}, in evaluation {missing_test}")
-        append_metrics(self.paths.metrics_csv, self.recorder.metric_rows(round_index, scores, results, missing_train, missing_test))
+        rows = self.recorder.metric_rows(round_index, scores, results, missing_train, missing_test)
+        append_metrics(self.paths.metrics_csv, rows)
         self.recorder.save_server_state(round_index, new_state)
+        # Seals whatever checkpoints are in the server's round folder: its own,
+        # and in a simulation the nodes' (a deployment's stay on the nodes).
+        self.recorder.write_manifest(round_index, rows)
         mark_round_complete(self.paths, round_index + 1, self.settings.rounds)
         mean = sum(s.accuracy for s in scores) / max(len(scores), 1)
         return new_state, RoundSummary(round_index, tuple(participants), mean)
