@@ -327,3 +327,20 @@ def test_a_run_without_manifests_is_refused(world):
         world.resume(paths)
     assert "older pfedmoap version" in one_line(error)
     assert "older pfedmoap version" in metrics_problem(paths)
+
+
+def test_report_leaves_out_a_run_whose_sealed_rows_were_edited(world):
+    """Every row is there, one accuracy value changed: only the manifests can tell, and report must."""
+    from pfedmoap_cli.report.runs import summarize_runs
+
+    paths = world.damaged_copy("edited-accuracy")
+    lines = paths.metrics_csv.read_text().splitlines(keepends=True)
+    row = next(i for i, line in enumerate(lines) if ",test,accuracy," in line)
+    cells = lines[row].rstrip("\n").split(",")
+    cells[-2] = repr(min(float(cells[-2]) + 0.25, 1.0) if float(cells[-2]) < 0.75 else float(cells[-2]) - 0.25)
+    lines[row] = ",".join(cells) + "\n"
+    paths.metrics_csv.write_text("".join(lines))
+    warnings = []
+    table = summarize_runs(paths.root.parent, warn=warnings.append)
+    assert table.empty
+    assert len(warnings) == 1 and "template" in warnings[0] and "metrics.csv" in warnings[0], warnings

@@ -128,6 +128,65 @@ def check_no_empty_clients(partition: Partition, fix: str) -> None:
         )
 
 
+def class_name_problem(partition: Partition, dataset_class_names: Sequence[str]) -> str | None:
+    """How the partition's class names differ from its dataset's, or ``None`` when they agree.
+
+    The partition's names become the prompts ("a photo of a <name>."), so a
+    swapped or renamed name would train label k on another class's text while
+    the sample hash (which covers the samples, not the partition's copy of
+    the names) still matches.
+    """
+    ours, theirs = tuple(partition.class_names), tuple(dataset_class_names)
+    if ours == theirs:
+        return None
+    if len(ours) != len(theirs):
+        return f"{len(ours)} class names where the dataset has {len(theirs)}"
+    label = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    return f"class {label} is {ours[label]!r} where the dataset has {theirs[label]!r}"
+
+
+def sample_index_problem(partition: Partition, split_sizes: dict[str, int]) -> str | None:
+    """The first client sample index past its split's end, as a phrase, or ``None`` when all are in range.
+
+    ``split_sizes`` maps ``"train"`` and ``"test"`` to the dataset's number of
+    samples in that split; an index past it would otherwise surface as an
+    IndexError deep inside training.
+    """
+    for client in partition.clients:
+        for split in ("train", "test"):
+            size = split_sizes[split]
+            beyond = [i for i in getattr(client, split) if i >= size]
+            if beyond:
+                return f"client {client.client_id} holds {split} sample {max(beyond)} but the dataset has {size} {split} samples"
+    return None
+
+
+def check_partition_matches_dataset(partition: Partition, source: Any) -> None:
+    """Refuse a partition whose class names or sample indices do not fit the opened dataset.
+
+    Call this wherever a partition is matched with its dataset (after the
+    sample-hash check), before anything is trained or evaluated.
+
+    Parameters
+    ----------
+    partition:
+        The loaded partition.
+    source:
+        The opened dataset: anything with ``class_names`` and ``samples(split)``.
+
+    Raises
+    ------
+    ArtifactError
+        One line naming the difference and the fix (recreate the partition).
+    """
+    fix = f"recreate it with 'pfedmoap partition --dataset {partition.dataset} ...' (partitions are never edited by hand)"
+    problem = class_name_problem(partition, source.class_names)
+    if problem is None:
+        problem = sample_index_problem(partition, {split: len(source.samples(split)) for split in ("train", "test")})
+    if problem is not None:
+        raise ArtifactError(f"the {partition.dataset} partition does not fit its dataset: {problem}; {fix}")
+
+
 def _encode(partition: Partition) -> bytes:
     return (json.dumps(partition.to_json(), indent=1, sort_keys=True) + "\n").encode("utf-8")
 

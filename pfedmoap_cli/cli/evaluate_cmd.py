@@ -11,7 +11,7 @@ from pfedmoap_cli.artifacts.partition import load_partition
 from pfedmoap_cli.engine.federation import Federation
 from pfedmoap_cli.engine.run_record import completed_rounds, partition_path_of, read_run_record, run_settings
 from pfedmoap_cli.engine.session import open_session
-from pfedmoap_cli.engine.workspace import RunPaths
+from pfedmoap_cli.engine.workspace import RunPaths, check_run_id
 from pfedmoap_cli.errors import ArtifactError, ConfigError
 
 HELP = """Re-score the saved checkpoints of a run into runs/<id>/evaluation.csv.
@@ -31,6 +31,7 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
 ) -> None:
     cli = ctx.obj
+    check_run_id(run, "--run")
     paths = RunPaths(cli.ws.run_dir(run))
     record = read_run_record(paths)
     settings = run_settings(record)

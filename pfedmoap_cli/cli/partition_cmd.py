@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -41,6 +42,22 @@ def choose_scheme(dirichlet: float | None, pathological: bool, iid: bool, recipe
     return str(scheme)
 
 
+def check_partition_flags(settings: PartitionSettings) -> None:
+    """Refuse out-of-range numbers before the dataset is opened or anything is written.
+
+    ``--dirichlet inf`` and ``nan`` parse as floats; ``nan`` fails every
+    comparison, so finiteness is checked first.
+    """
+    if settings.num_clients < 1:
+        raise ConfigError(f"--clients must be at least 1, got {settings.num_clients}")
+    if settings.alpha is not None and not (math.isfinite(float(settings.alpha)) and float(settings.alpha) > 0):
+        raise ConfigError(f"--dirichlet alpha must be a finite number > 0, got {settings.alpha}; pass e.g. --dirichlet 0.3")
+    if settings.clients_per_domain is not None and settings.clients_per_domain < 1:
+        raise ConfigError(f"--clients-per-domain must be at least 1, got {settings.clients_per_domain}")
+    if settings.seed < 0:
+        raise ConfigError(f"--seed must be 0 or more, got {settings.seed}")
+
+
 def partition(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (see 'pfedmoap download --list').")],
@@ -76,6 +93,7 @@ def partition(
         min_size=min_size if min_size is not None else int(recipe.get("min_size", 2)),
         clients_per_domain=clients_per_domain if clients_per_domain is not None else recipe.get("clients_per_domain"),
     )
+    check_partition_flags(settings)
     if settings.scheme == "dirichlet" and settings.alpha is None:
         raise ConfigError("the Dirichlet scheme needs --dirichlet ALPHA")
     if settings.scheme == "dirichlet" and settings.min_size < 1:

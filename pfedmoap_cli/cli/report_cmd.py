@@ -28,6 +28,11 @@ Examples:
 """
 
 
+def _warn(line: str) -> None:
+    """A run left out of the report: one line on stderr, the report goes on with the others."""
+    typer.echo(line, err=True)
+
+
 def _table_report(cli, table: str, plots: bool) -> None:
     from pfedmoap_cli.report import plots as plotting
     from pfedmoap_cli.report import render
@@ -35,7 +40,7 @@ def _table_report(cli, table: str, plots: bool) -> None:
     from pfedmoap_cli.report.tables import table_report
 
     recipe = load_table_recipe(table)
-    report = table_report(cli.ws, recipe)
+    report = table_report(cli.ws, recipe, warn=_warn)
     out = cli.ws.reports_dir
     files = {
         out / f"{recipe.stem}.md": render.to_markdown(report),
@@ -68,7 +73,7 @@ def report(
     if table is not None:
         _table_report(cli, table, plots)
         return
-    summary = summarize_runs(cli.ws.runs_dir)
+    summary = summarize_runs(cli.ws.runs_dir, warn=_warn)
     if summary.empty:
         typer.echo(f"no finished rounds in {cli.ws.runs_dir}; train a run first with 'pfedmoap train'")
         return

@@ -102,7 +102,9 @@ def sweep(
         for line in _listing(cells, set(blocked_methods), method_of):
             typer.echo(line)
         return
-    check_runnable(recipe, selection)
+    # Every check (settings of every cell with --device, engine flags) before the
+    # first partition or sweep record is written: a refused sweep creates nothing.
+    check_runnable(recipe, selection, device)
     runtime = make_runtime(engine, round_timeout)
     datasets = [d.key for d in recipe.datasets if selection.datasets is None or d.key in selection.datasets]
     partitions = build_partitions(ws, cli.data_root, recipe, datasets)

@@ -14,8 +14,8 @@ from pfedmoap_cli.cli.parsing import parse_key_values
 from pfedmoap_cli.engine.run_record import partition_path_of, read_run_record, run_settings
 from pfedmoap_cli.engine.runner import IfExists, execute_run
 from pfedmoap_cli.engine.session import applicable_options
-from pfedmoap_cli.engine.settings import TrainSettings, merge_settings, validate_settings
-from pfedmoap_cli.engine.workspace import RunPaths
+from pfedmoap_cli.engine.settings import TrainSettings, merge_settings, settle_context_length, validate_settings
+from pfedmoap_cli.engine.workspace import RunPaths, check_run_id
 from pfedmoap_cli.errors import ArtifactError, ConfigError
 from pfedmoap_cli.recipes import load_recipe, read_toml
 
@@ -70,22 +70,41 @@ def check_timeout(round_timeout: float | None) -> float:
     return float(round_timeout)
 
 
-def resolve_settings(dataset: str, config: Path | None, flags: dict[str, Any]) -> TrainSettings:
+def resolve_settings(dataset: str, config: Path | None, flags: dict[str, Any], num_clients: int | None = None) -> TrainSettings:
     """Defaults < recipe [train] < config file < flags, validated.
 
     The recipe's ``method_options`` are defaults for whichever methods take
     them; options from the config file or flags must all be understood.
+    With ``num_clients`` (the partition's), options the user gave are also
+    checked against the federation's size.
     """
     recipe = dict(load_recipe(dataset).get("train", {}))
     recipe_options = recipe.pop("method_options", {}) or {}
     settings = merge_settings(TrainSettings(), recipe, f"the {dataset} recipe")
+    user: dict[str, Any] = {}
     if config is not None:
         data = read_toml(config, "config file")
-        settings = merge_settings(settings, data.get("train", data), f"config file {config}")
+        user = dict(data.get("train", data))
+        settings = merge_settings(settings, user, f"config file {config}")
     settings = merge_settings(settings, flags, "the command line")
     defaults = applicable_options(settings.method, dict(recipe_options))
     settings = dataclasses.replace(settings, method_options={**defaults, **settings.method_options})
-    return validate_settings(settings)
+    settings = validate_settings(settings)
+    given = {k.replace("-", "_") for k in user} | {k for k, v in flags.items() if v is not None}
+    explicit_options = set((user.get("method_options") or {}) if isinstance(user.get("method_options"), dict) else ()) | set(
+        flags.get("method_options") or {}
+    )
+    if num_clients is not None:
+        check_federation_size(settings, explicit_options, num_clients)
+    return settle_context_length(settings, n_ctx_given="n_ctx" in given)
+
+
+def check_federation_size(settings: TrainSettings, explicit_options: set[str], num_clients: int) -> None:
+    """Refuse options the user gave that this many clients cannot honour (before any run file exists)."""
+    if settings.method == "pfedmoap" and "num_experts" in explicit_options:
+        from pfedmoap_cli.methods.pfedmoap import check_num_experts
+
+        check_num_experts(int(settings.method_options["num_experts"]), num_clients)
 
 
 def train(
@@ -156,6 +175,8 @@ def train(
 ) -> None:
     cli = ctx.obj
     ws = cli.ws
+    if run_id is not None:
+        check_run_id(run_id)  # before anything is read or written: the id becomes runs/<id> and locks/<id>.lock
     if write_flower_app is not None and engine is not Engine.FLOWER:
         raise ConfigError("--write-flower-app writes a Flower app; add --engine flower")
     # Flag errors before any file is read; a deployment app needs no local runtime.
@@ -187,7 +208,8 @@ def train(
             raise ArtifactError(f"partition {partition_path} changed since run {run_id} started; it cannot be resumed")
     else:
         partition_path = resolve_partition_path(ws.partitions_dir, partition)
-        settings = resolve_settings(load_partition(partition_path)[0].dataset, config, flags)
+        chosen = load_partition(partition_path)[0]
+        settings = resolve_settings(chosen.dataset, config, flags, num_clients=chosen.num_clients)
     if write_flower_app is not None:
         from pfedmoap_cli.flower.app_dir import deployment_instructions, write_flower_app as write_app
 

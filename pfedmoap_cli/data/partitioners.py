@@ -70,7 +70,7 @@ def _check_seed(seed: int) -> None:
 
 def _check_clients(num_clients: int) -> None:
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ConfigError(f"number of clients must be a positive integer, got {num_clients!r}; pass --num-clients >= 1")
+        raise ConfigError(f"number of clients must be a positive integer, got {num_clients!r}; pass --clients 1 or more")
 
 
 def _indices_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
@@ -119,7 +119,7 @@ def pathological_class_sets(num_classes: int, num_clients: int) -> list[list[int
     if num_clients > num_classes:
         raise ConfigError(
             f"{num_clients} clients but only {num_classes} classes; a pathological partition needs "
-            f"--num-clients <= {num_classes}"
+            f"--clients {num_classes} or fewer"
         )
     order = pathological_class_order(num_classes)
     q = round(num_classes / num_clients)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pfedmoap_cli.artifacts.partition import Partition
+from pfedmoap_cli.artifacts.partition import Partition, check_partition_matches_dataset
 from pfedmoap_cli.data.sources import open_dataset
 from pfedmoap_cli.data.sources.base import DatasetSource, Sample
 from pfedmoap_cli.engine.settings import TrainSettings, backbone_spec
@@ -52,6 +52,9 @@ def open_partition_dataset(partition: Partition, data_root: Path) -> DatasetSour
             f"the {partition.dataset} data under {data_root} differs from the data this partition was made from "
             "(sample hash mismatch); recreate the partition with 'pfedmoap partition' or point --data-root at the original data"
         )
+    # Same samples, but the partition's class names or sample ids could still
+    # have been edited by hand: training on swapped names is silently wrong.
+    check_partition_matches_dataset(partition, source)
     return source
 
 

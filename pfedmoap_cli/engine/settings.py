@@ -10,6 +10,7 @@ the backbone's weights) hashed into its id.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -112,24 +113,95 @@ def merge_settings(base: TrainSettings, overrides: Mapping[str, Any], source: st
     return dataclasses.replace(base, **changes)
 
 
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a real number (``--lr inf`` and ``--lr nan`` parse as floats)."""
+    return math.isfinite(value)
+
+
 def validate_settings(settings: TrainSettings) -> TrainSettings:
-    """Check value ranges; raise :class:`ConfigError` naming the flag to fix."""
+    """Check value ranges; raise :class:`ConfigError` naming the flag to fix.
+
+    Every float must be finite: ``nan`` compares false with everything, so a
+    plain range check alone would let it through. ``momentum`` and
+    ``weight_decay`` have no flag, so their messages name the config key.
+    """
     checks = [
         (settings.rounds >= 1, "--rounds must be at least 1"),
         (settings.local_epochs >= 1, "--local-epochs must be at least 1"),
-        (0.0 < settings.frac <= 1.0, "--frac must be in (0, 1]"),
+        (_finite(settings.frac) and 0.0 < settings.frac <= 1.0, f"--frac must be in (0, 1], got {settings.frac}"),
         (settings.batch_size >= 1, "--batch-size must be at least 1"),
-        (settings.lr > 0, "--lr must be positive"),
+        (_finite(settings.lr) and settings.lr > 0, f"--lr must be a finite number > 0, got {settings.lr}"),
+        (
+            _finite(settings.momentum) and 0.0 <= settings.momentum < 1.0,
+            f"setting 'momentum' must be in [0, 1), got {settings.momentum}; fix it in your --config file",
+        ),
+        (
+            _finite(settings.weight_decay) and settings.weight_decay >= 0.0,
+            f"setting 'weight_decay' must be a finite number >= 0, got {settings.weight_decay}; fix it in your --config file",
+        ),
         (settings.n_ctx >= 1, "--n-ctx must be at least 1"),
         (settings.seed >= 0, "--seed must be non-negative"),
+        (settings.backbone_seed >= 0, "--backbone-seed must be non-negative"),
         (settings.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
         (settings.num_workers >= 0, "--workers must be 0 or more"),
-        (settings.device in {"auto", "cpu", "cuda"} or settings.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
+        (settings.device in {"auto", "cpu", "cuda"} or _cuda_index(settings.device), f"--device must be auto, cpu, cuda or cuda:N, got {settings.device!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     return settings
+
+
+def _cuda_index(device: str) -> bool:
+    """Whether ``device`` is ``cuda:N`` with N a non-negative integer."""
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def phrase_token_count(backbone: str, phrase: str) -> int | None:
+    """Number of tokens of a ``--ctx-init`` phrase under ``backbone``'s tokenizer, or None when it cannot tell.
+
+    The phrase is normalised as the prompt encoder does (underscores to
+    spaces, runs of blanks to one), so the count is the context length the
+    encoder will train. Only the tokenizer is built, not the model.
+    """
+    from pfedmoap_cli.model import backbone as backbone_module
+
+    text = " ".join(phrase.replace("_", " ").split())
+    if not text:
+        return None
+    open_clip = backbone_module.import_open_clip()
+    backbone_module.register_tiny_configs()
+    try:
+        tokenizer = backbone_module._tokenizer_for(open_clip, backbone, 77)
+    except Exception:  # noqa: BLE001 - e.g. a Hugging Face tokenizer offline; loading the backbone reports that properly
+        return None
+    encode = getattr(tokenizer, "encode", None)
+    return len(encode(text)) if callable(encode) else None
+
+
+def settle_context_length(settings: TrainSettings, n_ctx_given: bool) -> TrainSettings:
+    """Make ``n_ctx`` the number of context tokens the run really trains.
+
+    With ``--ctx-init`` the phrase's tokens are the context, whatever
+    ``n_ctx`` says. Recording another number would put a wrong ``n_ctx`` in
+    run.json and the run id, so the phrase's token count is recorded instead;
+    an ``--n-ctx`` the user gave (flag or config file) that disagrees is
+    refused rather than silently overridden.
+    """
+    if not settings.ctx_init.strip():
+        return settings
+    count = phrase_token_count(settings.backbone, settings.ctx_init)
+    if count is None or count == settings.n_ctx:
+        return settings
+    if count < 1:
+        raise ConfigError(f"--ctx-init {settings.ctx_init!r} has no tokens; give a phrase such as 'a photo of a'")
+    if n_ctx_given:
+        raise ConfigError(
+            f"--ctx-init {settings.ctx_init!r} is {count} tokens long but --n-ctx is {settings.n_ctx}; "
+            f"drop --n-ctx (the phrase sets the context length) or pass --n-ctx {count}"
+        )
+    return dataclasses.replace(settings, n_ctx=count)
 
 
 def backbone_spec(settings: TrainSettings) -> BackboneSpec:

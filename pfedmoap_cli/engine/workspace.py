@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from pfedmoap_cli.errors import ConfigError
+
+#: A run id is a plain folder name: it becomes ``runs/<id>`` and ``locks/<id>.lock``,
+#: so a separator or ``..`` would put files outside the workspace (or in a
+#: sub-folder ``report`` never looks in).
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` is not a usable run name, or ``None`` when it is."""
+    if not isinstance(run_id, str) or RUN_ID_PATTERN.fullmatch(run_id) is None:
+        return "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    if ".." in run_id:
+        return "'..' is not allowed in a run name"
+    return None
+
+
+def check_run_id(run_id: str, flag: str = "--run-id") -> str:
+    """Return ``run_id`` when it is a plain name; raise :class:`ConfigError` naming ``flag`` otherwise."""
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise ConfigError(f"{flag} {run_id!r} is not a plain run name: {problem}")
+    return run_id
 
 
 @dataclass(frozen=True)
@@ -34,7 +59,12 @@ class Workspace:
         return self.root / "locks"
 
     def run_dir(self, run_id: str) -> Path:
-        return self.runs_dir / run_id
+        """``runs/<run_id>``; refuses a run id that is not a plain name.
+
+        Checked here as well as on the command line (defence in depth): every
+        path of a run is built from this one, so no caller can escape ``runs/``.
+        """
+        return self.runs_dir / check_run_id(run_id)
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,26 @@ class PFedMoAPOptions:
         set_("share_expert_features", _as_bool("share_expert_features", self.share_expert_features))
 
 
+def check_num_experts(num_experts: int, num_clients: int) -> None:
+    """Refuse a K the federation cannot supply.
+
+    The experts are the OTHER clients' prompts, so a federation of N clients
+    has at most N - 1 of them. Called only where the user asked for K
+    explicitly: a recipe's default K is a table's setting and is capped at
+    the clients available, as :func:`select_experts` documents.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--num-experts`` and the largest K that fits.
+    """
+    if num_experts > num_clients - 1:
+        raise ConfigError(
+            f"--num-experts {num_experts} is more than this federation can supply: pFedMoAP's experts are the other "
+            f"clients' prompts, at most {num_clients - 1} with {num_clients} clients; pass --num-experts {max(num_clients - 1, 0)} or fewer"
+        )
+
+
 # ---- expert selection -------------------------------------------------------------------
 def select_experts(
     pool: torch.Tensor, available: torch.Tensor, client_id: int, k: int, selection: str, seed: int | None = None

@@ -121,5 +121,5 @@ def load_open_clip_state(model: torch.nn.Module, state_dict: dict, model_name: s
         detail = " ".join(line.strip() for line in first[:2])[:200]
         raise ArtifactError(
             f"checkpoint {path} does not match architecture {model_name} ({detail}); "
-            "pass the --model it was saved from"
+            "pass the --backbone it was saved from"
         ) from error

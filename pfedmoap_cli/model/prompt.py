@@ -112,7 +112,7 @@ class PromptTextEncoder(torch.nn.Module):
         if count is None:  # tokenizer without .encode: EOT sits right after the phrase
             count = int(self.clip.eot_positions(self.clip.tokenize([phrase]))[0]) - 1
         if count < 1:
-            raise ConfigError(f"--init-phrase {phrase!r} has no tokens; give a phrase such as 'a photo of a'")
+            raise ConfigError(f"--ctx-init {phrase!r} has no tokens; give a phrase such as 'a photo of a'")
         return count
 
     def _check_lengths(self, texts: list[str]) -> None:
@@ -127,7 +127,7 @@ class PromptTextEncoder(torch.nn.Module):
             length, name = max(too_long)
             raise ConfigError(
                 f"prompt for class {name!r} needs {length} tokens but the text context holds {limit}; "
-                "use a smaller --n-ctx (or a shorter --init-phrase) or shorter class names"
+                "use a smaller --n-ctx (or a shorter --ctx-init) or shorter class names"
             )
 
     # -- public API ---------------------------------------------------------------------

@@ -1,13 +1,27 @@
-"""One row per run, derived from the runs' metrics CSVs."""
+"""One row per run, derived from the runs' metrics CSVs.
+
+A run whose metrics cannot be trusted (a torn or garbage line, or rows that
+do not cover every client of every complete round) is left out with one
+warning naming it and the fix: averaging it over fewer clients or rounds
+would put a number in the report that no run produced.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from pfedmoap_cli.artifacts.metrics import read_metrics
+from pfedmoap_cli.artifacts.metrics import METRIC_COLUMNS
+from pfedmoap_cli.errors import UserError
+
+#: Metric of a client that did not answer in a round (the recorder's ``MISSING_METRIC``).
+MISSING_METRIC = "missing"
+_INT_COLUMNS = ("seed", "round", "client_id", "num_examples")
+_TEXT_COLUMNS = ("run_id", "method", "dataset", "partition_sha256", "domain", "split", "metric")
 
 RUN_SUMMARY_COLUMNS = [
     "run_id",
@@ -71,11 +85,175 @@ def summarize_metrics(metrics: pd.DataFrame) -> RunSummary:
     )
 
 
-def summarize_runs(runs_dir: Path) -> pd.DataFrame:
-    """A table with one row per run that has at least one evaluated round."""
+class DamagedMetrics(Exception):
+    """A metrics CSV that cannot be read as rows of numbers (the message says where)."""
+
+
+def read_metrics_checked(path: Path) -> pd.DataFrame:
+    """Read a metrics CSV, refusing any line that is not a complete row.
+
+    Returns the frame with the column types of
+    :func:`pfedmoap_cli.artifacts.metrics.read_metrics`.
+
+    Raises
+    ------
+    DamagedMetrics
+        Wrong header, a line with too many or too few fields, or a
+        non-number where a number belongs; the message names the line.
+    """
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        raise DamagedMetrics(f"metrics.csv is not a readable CSV ({str(error).strip().splitlines()[0][:80]})") from None
+    if list(raw.columns) != METRIC_COLUMNS:
+        raise DamagedMetrics("metrics.csv does not start with the metrics header")
+    frame = raw.copy()
+    for column in _INT_COLUMNS:
+        numbers = pd.to_numeric(raw[column], errors="coerce")
+        bad = numbers.isna() | (numbers != numbers.round())
+        if bad.any():
+            raise DamagedMetrics(f"metrics.csv line {int(bad.idxmax()) + 2} has {column} {raw[column][bad.idxmax()]!r}, not an integer")
+        frame[column] = numbers.astype("int64")
+    values = pd.to_numeric(raw["value"], errors="coerce")
+    # "nan" is how a diverged loss is written; anything else that is not a number is damage.
+    bad = values.isna() & (raw["value"].str.strip().str.lower() != "nan")
+    if bad.any():
+        raise DamagedMetrics(f"metrics.csv line {int(bad.idxmax()) + 2} has value {raw['value'][bad.idxmax()]!r}, not a number")
+    frame["value"] = values.astype("float64")
+    accuracy = (frame["metric"] == "accuracy") & ~frame["value"].between(0.0, 1.0)
+    if accuracy.any():
+        raise DamagedMetrics(f"metrics.csv line {int(accuracy.idxmax()) + 2} has an accuracy outside [0, 1]")
+    return frame
+
+
+def incomplete_reason(frame: pd.DataFrame, completed_rounds: int | None, num_clients: int | None) -> str | None:
+    """Why a run's rows do not cover every client of every complete round, or ``None`` when they do.
+
+    Parameters
+    ----------
+    frame:
+        The run's metric rows.
+    completed_rounds:
+        Rounds complete per progress.json (rows of later rounds are ignored:
+        a round is recorded before it is marked complete); ``None`` when
+        unknown, then the rounds present are checked.
+    num_clients:
+        Clients of the run's partition; ``None`` when unknown, then every
+        round must have the same clients as the others.
+
+    Notes
+    -----
+    In a complete round each client has exactly one test ``accuracy`` row or
+    a test ``missing`` row (a client that could not be scored is recorded as
+    such). Anything less would make the round's mean one over fewer clients.
+    """
+    test = frame[frame["split"] == "test"]
+    if completed_rounds is not None:
+        test = test[test["round"] < completed_rounds]
+    accuracy = test[test["metric"] == "accuracy"]
+    missing = test[test["metric"] == MISSING_METRIC]
+    rounds = range(completed_rounds) if completed_rounds is not None else sorted(set(accuracy["round"]) | set(missing["round"]))
+    twice = accuracy.duplicated(["round", "client_id"])
+    if twice.any():
+        row = accuracy[twice].iloc[0]
+        return f"client {int(row['client_id'])} has two test accuracy rows in round {int(row['round'])}"
+    seen = {r: set(accuracy.loc[accuracy["round"] == r, "client_id"]) | set(missing.loc[missing["round"] == r, "client_id"]) for r in rounds}
+    expected = set(range(num_clients)) if num_clients is not None else set().union(*seen.values()) if seen else set()
+    for r in rounds:
+        if not seen[r]:
+            return f"round {r} has no test accuracy rows although progress.json counts {completed_rounds} rounds complete"
+        lacking, extra = sorted(expected - seen[r]), sorted(seen[r] - expected)
+        if lacking:
+            return f"round {r} has no test accuracy (and no 'missing' row) for client(s) {', '.join(map(str, lacking[:5]))}"
+        if extra:
+            return f"round {r} has rows of client(s) {', '.join(map(str, extra[:5]))}, not in its partition of {num_clients} clients"
+    return None
+
+
+def _run_record(run_dir: Path) -> dict | None:
+    """run.json as a dict, or None when it is absent or unreadable (then the checks that need it are skipped)."""
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def run_num_clients(run_dir: Path) -> int | None:
+    """Clients of the run's partition (from run.json's partition file), or None when it cannot be read."""
+    from pfedmoap_cli.artifacts.partition import load_partition
+
+    record = _run_record(run_dir)
+    if record is None or not isinstance(record.get("partition_file"), str):
+        return None
+    stored = Path(record["partition_file"])
+    # Newer run records store the path relative to the workspace (two levels above runs/<id>).
+    path = stored if stored.is_absolute() else Path(run_dir).parent.parent / stored
+    try:
+        return load_partition(path)[0].num_clients
+    except UserError:
+        return None
+
+
+def run_completed_rounds(run_dir: Path) -> int:
+    """Rounds complete per the run's progress.json (0 without one); a corrupt file raises its one-line :class:`UserError`."""
+    from pfedmoap_cli.engine.run_record import completed_rounds
+    from pfedmoap_cli.engine.workspace import RunPaths
+
+    return completed_rounds(RunPaths(Path(run_dir)))
+
+
+def damaged_run_warning(run_id: str, reason: str) -> str:
+    """The one warning line of a run left out of a report: which run, why, and the fix."""
+    return (
+        f"warning: run {run_id} left out of the report: {reason}; "
+        f"delete runs/{run_id} and train it again (pfedmoap train, or pfedmoap sweep for a table cell)"
+    )
+
+
+def checked_run_metrics(run_dir: Path, completed: int | None = None) -> tuple[pd.DataFrame | None, str | None]:
+    """(the run's rows of complete rounds, None), or (None, why the run cannot be reported).
+
+    ``completed`` defaults to progress.json's count; the rows must be readable
+    and cover every client of every complete round (:func:`incomplete_reason`).
+    """
+    run_dir = Path(run_dir)
+    try:
+        frame = read_metrics_checked(run_dir / "metrics.csv")
+        if completed is None:
+            completed = run_completed_rounds(run_dir)
+    except (DamagedMetrics, UserError) as error:
+        return None, str(error)
+    from pfedmoap_cli.artifacts.manifest import MANIFEST_NAME
+    from pfedmoap_cli.engine.run_record import metrics_problem
+    from pfedmoap_cli.engine.workspace import RunPaths
+
+    reason = incomplete_reason(frame, completed, run_num_clients(run_dir))
+    if reason is None and any(run_dir.glob(f"checkpoints/round-*/{MANIFEST_NAME}")):
+        # Rows that are all there can still have been edited: runs sealed by
+        # round manifests are compared with the rows each manifest recorded.
+        try:
+            reason = metrics_problem(RunPaths(run_dir))
+        except UserError as error:
+            reason = str(error)
+    if reason is not None:
+        return None, reason
+    return frame[frame["round"] < completed], None
+
+
+def summarize_runs(runs_dir: Path, warn: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """A table with one row per run that has at least one complete, evaluated round.
+
+    A run whose metrics are damaged or incomplete is left out and reported
+    through ``warn`` (one line each), so one bad run never hides the others.
+    """
     rows = []
     for metrics_csv in sorted(Path(runs_dir).glob("*/metrics.csv")):
-        frame = read_metrics(metrics_csv)
+        frame, reason = checked_run_metrics(metrics_csv.parent)
+        if reason is not None:
+            if warn is not None:
+                warn(damaged_run_warning(metrics_csv.parent.name, reason))
+            continue
         if not frame.empty and ((frame["split"] == "test") & (frame["metric"] == "accuracy")).any():
             rows.append(summarize_metrics(frame).__dict__)
     return pd.DataFrame(rows, columns=RUN_SUMMARY_COLUMNS)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pfedmoap_cli.artifacts.partition import save_partition
+from pfedmoap_cli.artifacts.partition import Partition, check_no_empty_clients, save_partition
 from pfedmoap_cli.artifacts.run_lock import RunInUse
 from pfedmoap_cli.data.build_partition import build_partition
 from pfedmoap_cli.data.sources import DatasetSource, dataset_names, open_dataset
@@ -79,8 +79,14 @@ def unavailable(recipe: TableRecipe, selection: Selection) -> tuple[list[str], l
     return methods, datasets
 
 
-def check_runnable(recipe: TableRecipe, selection: Selection) -> None:
-    """Refuse, before anything runs, a selection with an unknown method or dataset or bad method options."""
+def check_runnable(recipe: TableRecipe, selection: Selection, device: str | None = None) -> None:
+    """Refuse, before anything is written, a selection that cannot run.
+
+    An unknown method or dataset, bad method options, any cell's settings out
+    of range (``device`` applied, as the sweep will run them), or a pFedMoAP
+    K larger than the dataset entry's federation can supply. Nothing is
+    created by this check, so a refused sweep leaves the workspace as it was.
+    """
     methods, datasets = unavailable(recipe, selection)
     if methods:
         available = [r.key for r in selected_rows(recipe, selection) if r.method not in methods]
@@ -96,8 +102,25 @@ def check_runnable(recipe: TableRecipe, selection: Selection) -> None:
         )
     for spec in selected_datasets(recipe, selection):
         for row in selected_rows(recipe, selection):
-            settings = recipe.cell_settings(spec.key, row.key, recipe.seeds[0])
-            method_options(get_method(settings.method), settings.method_options)
+            for seed in recipe.seeds:
+                settings = recipe.cell_settings(spec.key, row.key, seed)
+                if device is not None:
+                    settings = replace(settings, device=device)
+                validate_settings(settings)
+                method_options(get_method(settings.method), settings.method_options)
+                _check_experts(recipe, spec, settings)
+
+
+def _check_experts(recipe: TableRecipe, spec: DatasetSpec, settings) -> None:
+    """A table row's pFedMoAP K must fit the dataset entry's number of clients (the recipe's fix, not a flag's)."""
+    if settings.method != "pfedmoap" or "num_experts" not in settings.method_options:
+        return
+    clients = spec.partition.clients
+    if clients is not None and int(settings.method_options["num_experts"]) > int(clients) - 1:
+        raise ConfigError(
+            f"table recipe {recipe.path} gives {spec.key} num_experts={settings.method_options['num_experts']} but its "
+            f"partition has {clients} clients, so at most {int(clients) - 1} experts; lower num_experts in the recipe"
+        )
 
 
 def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datasets: Iterable[str]) -> TablePartitions:
@@ -105,20 +128,26 @@ def build_partitions(ws: Workspace, data_root: Path, recipe: TableRecipe, datase
 
     One partition per (entry, partition seed): per run seed when the table's
     partitions follow the seed, a single one when ``partition_seed`` fixes it.
+    Every dataset is opened and every partition built and checked before the
+    first file is written, so a missing dataset or a recipe that does not
+    fit leaves no partition or sweep record behind.
     """
-    chosen: TablePartitions = {}
+    built: dict[tuple[str, int], Partition] = {}
     for key in datasets:
         spec = recipe.dataset(key)
-        options = dict(spec.partition.dataset_options)
-        source = open_dataset(spec.name, Path(data_root), **options)
+        source = open_dataset(spec.name, Path(data_root), **dict(spec.partition.dataset_options))
         for seed in recipe.partition_seeds():
-            chosen[(key, seed)] = _build_one(ws, recipe, spec, source, seed)
+            built[(key, seed)] = _build_one(recipe, spec, source, seed)
+    chosen: TablePartitions = {}
+    for (key, seed), partition in built.items():
+        path, sha = save_partition(partition, ws.partitions_dir, make_current=False)
+        chosen[(key, seed)] = PartitionChoice(path, sha, partition.dataset, seed)
     record_partitions(ws, recipe, chosen)
     return chosen
 
 
-def _build_one(ws: Workspace, recipe: TableRecipe, spec: DatasetSpec, source: DatasetSource, seed: int) -> PartitionChoice:
-    """Build, check against the recipe and save the partition of ``spec`` with partition seed ``seed``."""
+def _build_one(recipe: TableRecipe, spec: DatasetSpec, source: DatasetSource, seed: int) -> Partition:
+    """Build the partition of ``spec`` with partition seed ``seed`` and check it against the recipe (nothing is written)."""
     options = dict(spec.partition.dataset_options)
     partition = build_partition(source, spec.partition.settings(seed), options)
     if recipe.per_domain:
@@ -133,8 +162,8 @@ def _build_one(ws: Workspace, recipe: TableRecipe, spec: DatasetSpec, source: Da
             f"the {spec.name} partition came out with {partition.num_clients} clients ({partition.scheme}), "
             f"not the {spec.partition.clients} that table recipe {recipe.path} asks for; fix its partition settings"
         )
-    path, sha = save_partition(partition, ws.partitions_dir, make_current=False)
-    return PartitionChoice(path, sha, partition.dataset, seed)
+    check_no_empty_clients(partition, "fix the table recipe's partition settings")
+    return partition
 
 
 def run_cells(

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import pandas as pd
 
-from pfedmoap_cli.artifacts.metrics import read_metrics
-from pfedmoap_cli.engine.workspace import RunPaths, Workspace
+from pfedmoap_cli.engine.workspace import Workspace
 from pfedmoap_cli.report.cells import DONE, PARTIAL, CellRun, TablePartitions, cell_runs, find_partitions
-from pfedmoap_cli.report.runs import summarize_metrics
+from pfedmoap_cli.report.runs import checked_run_metrics, damaged_run_warning, summarize_metrics
 from pfedmoap_cli.report.table_recipes import AVG, Column, PaperValue, TableRecipe
 
 STD_DDOF = 1
@@ -49,6 +48,7 @@ class CellStat:
     seeds_missing: tuple[int, ...]  # not finished (partial ones included)
     run_ids: tuple[str, ...]
     paper: PaperValue | None
+    seeds_damaged: tuple[int, ...] = ()  # finished, but left out: their metrics are damaged or incomplete
 
     @property
     def complete(self) -> bool:
@@ -72,9 +72,12 @@ class CellStat:
 
     def missing_text(self) -> str:
         text = f"missing {len(self.seeds_missing)}/{self.seeds_expected} seeds"
+        notes = []
         if self.seeds_partial:
-            text += f" ({len(self.seeds_partial)} partial)"
-        return text
+            notes.append(f"{len(self.seeds_partial)} partial")
+        if self.seeds_damaged:
+            notes.append(f"{len(self.seeds_damaged)} damaged")
+        return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 @dataclass
@@ -86,6 +89,7 @@ class TableReport:
     runs: list[CellRun]
     partitions: TablePartitions  # (dataset key, partition seed) -> partition, None where none exists yet
     metrics: dict[str, pd.DataFrame] = field(default_factory=dict)  # run id -> metrics of finished runs
+    excluded: dict[str, str] = field(default_factory=dict)  # run id -> why its finished run was left out
 
     def cell(self, row: str, column: Column) -> CellStat:
         return self.cells[(row, column.dataset, column.key)]
@@ -114,12 +118,15 @@ def run_columns(metrics: pd.DataFrame, recipe: TableRecipe, dataset: str) -> dic
     return values
 
 
-def build_table(recipe: TableRecipe, runs: list[CellRun], metrics: Mapping[str, pd.DataFrame]) -> dict[tuple[str, str, str], CellStat]:
+def build_table(
+    recipe: TableRecipe, runs: list[CellRun], metrics: Mapping[str, pd.DataFrame], damaged: Collection[str] = ()
+) -> dict[tuple[str, str, str], CellStat]:
     """Cells of the table from the cells' run states and the finished runs' metrics.
 
     ``metrics`` maps a run id to its metrics frame; runs whose status is not
     ``done`` are never read. A finished run that lacks a column's domain
-    leaves that seed missing in that column.
+    leaves that seed missing in that column; one in ``damaged`` (left out of
+    ``metrics`` for damaged or incomplete rows) is missing and counted as such.
     """
     by_cell: dict[tuple[str, str], list[CellRun]] = {}
     for run in runs:
@@ -129,7 +136,7 @@ def build_table(recipe: TableRecipe, runs: list[CellRun], metrics: Mapping[str, 
     for column in recipe.columns():
         for row in recipe.rows:
             seeds = sorted(by_cell.get((column.dataset, row.key), []), key=lambda r: recipe.seeds.index(r.seed))
-            values, done, partial, missing, run_ids = [], [], [], [], []
+            values, done, partial, missing, run_ids, broken = [], [], [], [], [], []
             for seed in recipe.seeds:
                 run = next((r for r in seeds if r.seed == seed), None)
                 value = None
@@ -141,6 +148,8 @@ def build_table(recipe: TableRecipe, runs: list[CellRun], metrics: Mapping[str, 
                     missing.append(seed)
                     if run is not None and run.status == PARTIAL:
                         partial.append(seed)
+                    elif run is not None and run.run_id in damaged:
+                        broken.append(seed)
                 else:
                     values.append(value)
                     done.append(seed)
@@ -155,29 +164,43 @@ def build_table(recipe: TableRecipe, runs: list[CellRun], metrics: Mapping[str, 
                 seeds_missing=tuple(missing),
                 run_ids=tuple(run_ids),
                 paper=recipe.paper_value(row.key, column),
+                seeds_damaged=tuple(broken),
             )
     return cells
 
 
-def load_finished_metrics(ws: Workspace, runs: list[CellRun]) -> dict[str, pd.DataFrame]:
-    """Metrics of every finished run (rows of rounds past its last complete one dropped)."""
-    frames = {}
+def load_finished_metrics(
+    ws: Workspace, runs: list[CellRun], warn: Callable[[str], None] | None = None
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Metrics of every finished run (rows of rounds past its last one dropped), and the runs left out.
+
+    A finished run whose metrics.csv is damaged, or whose rows do not cover
+    every client of every round, is left out (its cell then lacks that seed)
+    and reported through ``warn``, one line each.
+    """
+    frames: dict[str, pd.DataFrame] = {}
+    excluded: dict[str, str] = {}
     for run in runs:
-        if run.status != DONE or run.run_id in frames:
+        if run.status != DONE or run.run_id in frames or run.run_id in excluded:
             continue
-        path = RunPaths(ws.run_dir(run.run_id)).metrics_csv
-        if not path.is_file():
+        run_dir = ws.run_dir(run.run_id)
+        if not (run_dir / "metrics.csv").is_file():
             continue
-        frame = read_metrics(path)
-        frame = frame[frame["round"] < run.total_rounds]
+        frame, reason = checked_run_metrics(run_dir, completed=run.total_rounds)
+        if reason is not None:
+            excluded[run.run_id] = reason
+            if warn is not None:
+                warn(damaged_run_warning(run.run_id, reason))
+            continue
         if ((frame["split"] == "test") & (frame["metric"] == "accuracy")).any():
             frames[run.run_id] = frame
-    return frames
+    return frames, excluded
 
 
-def table_report(ws: Workspace, recipe: TableRecipe) -> TableReport:
-    """Build the table of ``recipe`` from the runs in workspace ``ws``."""
+def table_report(ws: Workspace, recipe: TableRecipe, warn: Callable[[str], None] | None = None) -> TableReport:
+    """Build the table of ``recipe`` from the runs in workspace ``ws`` (damaged runs reported through ``warn``)."""
     partitions = find_partitions(ws, recipe)
     runs = cell_runs(ws, recipe, partitions)
-    metrics = load_finished_metrics(ws, runs)
-    return TableReport(recipe=recipe, cells=build_table(recipe, runs, metrics), runs=runs, partitions=partitions, metrics=metrics)
+    metrics, excluded = load_finished_metrics(ws, runs, warn)
+    cells = build_table(recipe, runs, metrics, damaged=excluded)
+    return TableReport(recipe=recipe, cells=cells, runs=runs, partitions=partitions, metrics=metrics, excluded=excluded)
