@@ -59,7 +59,7 @@ def test_last_client_class_count(num_classes: int, last: int) -> None:
 
 
 def test_more_clients_than_classes_is_config_error() -> None:
-    with pytest.raises(ConfigError, match="num-clients"):
+    with pytest.raises(ConfigError, match="--clients 5 or fewer"):
         pathological_class_sets(5, 6)
 
 
