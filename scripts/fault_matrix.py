@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 SCRIPT = Path(sys.executable).with_name("pfedmoap")
-RUN = "run"
+RUN = "damaged-run"
 PARTITION = ("partition", "--dataset", "synthetic", "--iid", "--clients", "3", "--seed", "2",
              "--option", "train_per_class=1", "--option", "test_per_class=1")
 TRAIN = ("train", "--method", "pfedmoap", "--rounds", "3", "--local-epochs", "1", "--frac", "0.67", "--n-ctx", "2",
@@ -113,6 +113,15 @@ def swap_class_names(ws: Path) -> None:
     partition.write_text(json.dumps(record))
 
 
+def old_lock(ws: Path, content: bytes, age: float = 60.0) -> None:
+    """A lock file with ``content``, last written ``age`` seconds ago."""
+    (ws / "locks").mkdir(exist_ok=True)
+    lock = ws / "locks" / f"{RUN}.lock"
+    lock.write_bytes(content)
+    then = time.time() - age
+    os.utime(lock, (then, then))
+
+
 FAULTS: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
     # name: (next command, damage(workspace, other_workspace))
     "client checkpoint: payload bytes flipped": ("resume", lambda ws, _: flip_payload(first_client_file(ws, 1))),
@@ -136,8 +145,10 @@ FAULTS: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
     "run.json: garbage": ("resume", lambda ws, _: (run_dir(ws) / "run.json").write_text("[1, 2")),
     "run.json: a key missing": ("resume", lambda ws, _: edit_json(run_dir(ws) / "run.json", lambda r: r.pop("settings"))),
     "partition: two class names swapped": ("resume", lambda ws, _: swap_class_names(ws)),
-    "lock file: empty, left by a full disk": ("resume", lambda ws, _: ((ws / "locks").mkdir(exist_ok=True), (ws / "locks" / f"{RUN}.lock").write_text(""))),
-    "lock file: garbage": ("resume", lambda ws, _: ((ws / "locks").mkdir(exist_ok=True), (ws / "locks" / f"{RUN}.lock").write_text("\x00\x01garbage"))),
+    "partition: two class names swapped, then a new run": ("new run", lambda ws, _: swap_class_names(ws)),
+    "lock file: empty, left a minute ago by a full disk": ("resume", lambda ws, _: old_lock(ws, b"")),
+    "lock file: garbage, a minute old": ("resume", lambda ws, _: old_lock(ws, b"\x00\x01garbage")),
+    "lock file: garbage, just written (a live writer?)": ("resume", lambda ws, _: old_lock(ws, b"\x00\x01garbage", age=0)),
     "temp file of an interrupted write left": ("resume", lambda ws, _: (round_dir(ws, 1) / ".client-0001.safetensors.abc123.tmp").write_bytes(b"partial")),
     "workspace moved to another folder": ("moved", lambda ws, _: None),
 }
@@ -187,7 +198,13 @@ def main() -> int:
                 done = pfedmoap(ws, "report")
                 outcome = classify(done, None)
                 if outcome == "ok":
-                    outcome = "reported (check the text)" if RUN in done.stdout else "skipped with a warning" if RUN in done.stderr else "SILENT (dropped)"
+                    listed, warned = RUN in done.stdout, f"run {RUN} left out" in done.stderr
+                    outcome = "SILENT (averaged)" if listed else "left out with a warning" if warned else "SILENT (dropped)"
+            elif kind == "new run":
+                done = pfedmoap(ws, *TRAIN[:-2], "--run-id", "fresh", "--seed", "9")
+                outcome = classify(done, None)
+                if outcome == "ok":
+                    outcome = "SILENT (trained)"
             else:
                 done = pfedmoap(ws, *RESUME)
                 finished = None

@@ -344,3 +344,17 @@ def test_report_leaves_out_a_run_whose_sealed_rows_were_edited(world):
     table = summarize_runs(paths.root.parent, warn=warnings.append)
     assert table.empty
     assert len(warnings) == 1 and "template" in warnings[0] and "metrics.csv" in warnings[0], warnings
+
+
+def test_a_sealed_run_left_out_of_a_report_is_repaired_by_the_command_the_warning_names(world, cli):
+    from pfedmoap_cli.report.runs import summarize_runs
+
+    paths = world.damaged_copy("report-repair")
+    paths.metrics_csv.write_text(paths.metrics_csv.read_text() + "garbage,,\x00\n")
+    warnings = []
+    assert summarize_runs(paths.root.parent, warn=warnings.append).empty
+    assert len(warnings) == 1 and "'pfedmoap train --resume --run-id template' repairs it" in warnings[0], warnings
+    done = cli("train", "--resume", "--run-id", "template", "--stop-after", str(STOP), workspace=paths.root.parent.parent)
+    assert done.exit_code == 0, done.stderr
+    warnings.clear()
+    assert len(summarize_runs(paths.root.parent, warn=warnings.append)) == 1 and not warnings

@@ -203,12 +203,19 @@ def run_completed_rounds(run_dir: Path) -> int:
     return completed_rounds(RunPaths(Path(run_dir)))
 
 
-def damaged_run_warning(run_id: str, reason: str) -> str:
-    """The one warning line of a run left out of a report: which run, why, and the fix."""
-    return (
-        f"warning: run {run_id} left out of the report: {reason}; "
-        f"delete runs/{run_id} and train it again (pfedmoap train, or pfedmoap sweep for a table cell)"
-    )
+def damaged_run_warning(run_dir: Path, reason: str) -> str:
+    """The one warning line of a run left out of a report: which run, why, and the fix.
+
+    A run sealed by round manifests is repaired by resuming it (metrics.csv is
+    rebuilt from the manifests, rounds that do not verify are trained again);
+    an older run can only be trained again.
+    """
+    run_id = Path(run_dir).name
+    if any(Path(run_dir).glob("checkpoints/round-*/manifest.json")):
+        fix = f"'pfedmoap train --resume --run-id {run_id}' repairs it from its round manifests"
+    else:
+        fix = f"delete runs/{run_id} and train it again (pfedmoap train, or pfedmoap sweep for a table cell)"
+    return f"warning: run {run_id} left out of the report: {reason}; {fix}"
 
 
 def checked_run_metrics(run_dir: Path, completed: int | None = None) -> tuple[pd.DataFrame | None, str | None]:
@@ -252,7 +259,7 @@ def summarize_runs(runs_dir: Path, warn: Callable[[str], None] | None = None) ->
         frame, reason = checked_run_metrics(metrics_csv.parent)
         if reason is not None:
             if warn is not None:
-                warn(damaged_run_warning(metrics_csv.parent.name, reason))
+                warn(damaged_run_warning(metrics_csv.parent, reason))
             continue
         if not frame.empty and ((frame["split"] == "test") & (frame["metric"] == "accuracy")).any():
             rows.append(summarize_metrics(frame).__dict__)

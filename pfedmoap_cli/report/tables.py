@@ -190,7 +190,7 @@ def load_finished_metrics(
         if reason is not None:
             excluded[run.run_id] = reason
             if warn is not None:
-                warn(damaged_run_warning(run.run_id, reason))
+                warn(damaged_run_warning(run_dir, reason))
             continue
         if ((frame["split"] == "test") & (frame["metric"] == "accuracy")).any():
             frames[run.run_id] = frame
