@@ -20,6 +20,8 @@ from pfedmoap_cli.report.sweep import (
 )
 from pfedmoap_cli.report.table_recipes import TableRecipe, load_table_recipe
 from pfedmoap_cli.cli.train_cmd import Engine, make_runtime
+from pfedmoap_cli.engine.runner import observing
+from pfedmoap_cli.tracking.registry import make_trackers
 
 HELP = """Run every cell (dataset x method x seed) of a paper table that is not finished yet.
 
@@ -82,6 +84,10 @@ def sweep(
     round_timeout: Annotated[
         Optional[float], typer.Option("--round-timeout", metavar="SECONDS", help="Flower: wait this long for the nodes' replies per step.")
     ] = None,
+    report_to: Annotated[
+        Optional[list[str]],
+        typer.Option("--report-to", metavar="TRACKER", help="Log each run's rounds to tensorboard, mlflow or wandb (repeatable or comma-separated; same run ids)."),
+    ] = None,
 ) -> None:
     cli = ctx.obj
     ws = cli.ws
@@ -106,6 +112,7 @@ def sweep(
     # first partition or sweep record is written: a refused sweep creates nothing.
     check_runnable(recipe, selection, device)
     runtime = make_runtime(engine, round_timeout)
+    trackers = make_trackers(report_to)
     datasets = [d.key for d in recipe.datasets if selection.datasets is None or d.key in selection.datasets]
     partitions = build_partitions(ws, cli.data_root, recipe, datasets)
     cells = plan(ws, recipe, selection, partitions)
@@ -125,9 +132,10 @@ def sweep(
         typer.echo(f"  skipped {cell.dataset} {cell.row} seed {cell.seed}: {error}", err=True)
 
     try:
-        run_cells(
-            ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use, runtime=runtime
-        )
+        with observing(trackers):
+            run_cells(
+                ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use, runtime=runtime
+            )
     except KeyboardInterrupt:
         typer.echo(f"interrupted; finished runs and completed rounds are saved, continue with 'pfedmoap sweep --table {table}'", err=True)
         raise typer.Exit(130) from None

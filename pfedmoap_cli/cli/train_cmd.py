@@ -18,6 +18,7 @@ from pfedmoap_cli.engine.settings import TrainSettings, merge_settings, settle_c
 from pfedmoap_cli.engine.workspace import RunPaths, check_run_id
 from pfedmoap_cli.errors import ArtifactError, ConfigError
 from pfedmoap_cli.recipes import load_recipe, read_toml
+from pfedmoap_cli.tracking.registry import make_trackers
 
 HELP = """Train a federation on the current (or a named) partition.
 
@@ -171,6 +172,11 @@ def train(
         typer.Option("--write-flower-app", metavar="DIR", help="Instead of training, write a Flower app for a real deployment "
                      "(SuperLink + SuperNodes) with these settings to DIR; start it with 'flwr run DIR'."),
     ] = None,
+    report_to: Annotated[
+        Optional[list[str]],
+        typer.Option("--report-to", metavar="TRACKER", help="Also log each round to tensorboard, mlflow or wandb (repeatable or "
+                     "comma-separated; each needs its extra, e.g. pip install 'pfedmoap[mlflow]'). Resume continues the same tracker run. Not part of the run id."),
+    ] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", hidden=True, help="Stop after this many rounds (testing).")] = None,
 ) -> None:
     cli = ctx.obj
@@ -181,6 +187,9 @@ def train(
         raise ConfigError("--write-flower-app writes a Flower app; add --engine flower")
     # Flag errors before any file is read; a deployment app needs no local runtime.
     runtime = make_runtime(engine, round_timeout) if write_flower_app is None else None
+    if report_to and write_flower_app is not None:
+        raise ConfigError("--report-to is not carried into a Flower app (--write-flower-app); drop it")
+    trackers = make_trackers(report_to)
     # Named pFedMoAP flags are shorthands for --method-option KEY=VALUE.
     named_options = dict(
         num_experts=num_experts, expert_selection=expert_selection, lam=lam, gating_dim=gating_dim,
@@ -220,7 +229,7 @@ def train(
     outcome = execute_run(
         ws, cli.data_root, settings, partition_path, run_id=run_id,
         if_exists=IfExists.RESUME if resume else IfExists.ERROR, progress=cli.progress, stop_after=stop_after,
-        runtime=runtime,
+        runtime=runtime, observers=trackers,
     )
     if outcome.last_round is None and outcome.finished:
         typer.echo(f"run {outcome.run_id} is already complete ({outcome.total_rounds} rounds); see 'pfedmoap report'")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
+from pfedmoap_cli.artifacts.metrics import MetricRow
 from pfedmoap_cli.artifacts.partition import Partition, load_partition
 from pfedmoap_cli.artifacts.run_lock import RunLock
 from pfedmoap_cli.engine.federation import Federation, RoundSummary
@@ -60,6 +63,39 @@ class LocalRuntime:
         return lambda stop_after, on_round: federation.run(stop_after=stop_after, on_round=on_round)
 
 
+class RoundObserver(Protocol):
+    """Follows one run: told each complete round with its rows as the run sealed them."""
+
+    def log_round(self, round_index: int, rows: Sequence[MetricRow]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RunObserver(Protocol):
+    """Follows runs (an experiment tracker, ``--report-to``); one object serves every run of a sweep."""
+
+    def open(self, job: RunJob, completed_rounds: int) -> RoundObserver:
+        """Start following ``job``, whose first ``completed_rounds`` rounds are complete and verified."""
+
+
+#: Observers for :func:`execute_run` calls that pass none (see :func:`observing`).
+_DEFAULT_OBSERVERS: ContextVar[tuple[RunObserver, ...]] = ContextVar("pfedmoap_run_observers", default=())
+
+
+@contextmanager
+def observing(observers: Sequence[RunObserver]) -> Iterator[None]:
+    """Every :func:`execute_run` in this block (that passes no ``observers``) is followed by ``observers``.
+
+    For callers that reach ``execute_run`` through code that does not pass
+    observers on (``pfedmoap sweep`` through ``run_cells``).
+    """
+    token = _DEFAULT_OBSERVERS.set(tuple(observers))
+    try:
+        yield
+    finally:
+        _DEFAULT_OBSERVERS.reset(token)
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """Where a run stands after :func:`execute_run`."""
@@ -85,11 +121,15 @@ def execute_run(
     progress: bool = True,
     stop_after: int | None = None,
     runtime: Runtime | None = None,
+    observers: Sequence[RunObserver] | None = None,
 ) -> RunOutcome:
     """Train ``settings`` on the partition at ``partition_path`` as far as it goes.
 
     ``runtime`` decides where the rounds run (default: :class:`LocalRuntime`);
-    every runtime writes the same run folder.
+    every runtime writes the same run folder. ``observers`` (default: those of
+    an enclosing :func:`observing` block) are opened once the run's complete
+    rounds are known and told each round after it is complete, with its rows
+    read back from the round's manifest, whichever runtime trained it.
 
     Raises
     ------
@@ -104,10 +144,29 @@ def execute_run(
     with RunLock(workspace.locks_dir, run_id):
         paths = RunPaths(workspace.run_dir(run_id))
         job = RunJob(workspace, Path(data_root), settings, Path(partition_path), partition, partition_sha, run_id, paths, progress)
-        return _execute_locked(job, if_exists, stop_after, runtime or LocalRuntime())
+        chosen = tuple(observers) if observers is not None else _DEFAULT_OBSERVERS.get()
+        return _execute_locked(job, if_exists, stop_after, runtime or LocalRuntime(), chosen)
 
 
-def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, runtime: Runtime) -> RunOutcome:
+def _open_observers(job: RunJob, done: int, observers: Sequence[RunObserver]) -> list[RoundObserver]:
+    opened: list[RoundObserver] = []
+    try:
+        for observer in observers:
+            opened.append(observer.open(job, done))
+    except BaseException:
+        _close_observers(opened)
+        raise
+    return opened
+
+
+def _close_observers(opened: Sequence[RoundObserver]) -> None:
+    for observer in opened:
+        observer.close()
+
+
+def _execute_locked(
+    job: RunJob, if_exists: IfExists, stop_after: int | None, runtime: Runtime, observers: Sequence[RunObserver] = ()
+) -> RunOutcome:
     """:func:`execute_run` once the run's lock is held."""
     paths, settings, run_id = job.paths, job.settings, job.run_id
     exists = paths.run_json.is_file()
@@ -120,6 +179,7 @@ def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, ru
     # Only rounds whose files verify count; the folder is repaired to the last of them.
     done = prepare_resume(paths, run_id, settings.method, settings.rounds) if exists else 0
     if done >= settings.rounds:
+        _close_observers(_open_observers(job, done, observers))  # they catch up on rounds they have not seen
         return RunOutcome(run_id, paths, done, settings.rounds, None)
     if paths.clients_on_nodes.is_file() and not getattr(runtime, "clients_on_nodes", False):
         raise ArtifactError(
@@ -132,5 +192,19 @@ def _execute_locked(job: RunJob, if_exists: IfExists, stop_after: int | None, ru
             paths, run_id, settings, job.partition.dataset, job.partition_path.resolve(), job.partition_sha256, job.workspace.root
         )
     summaries: list[RoundSummary] = []
-    finished = trainer(stop_after, summaries.append)
+    opened = _open_observers(job, done, observers)
+
+    def on_round(summary: RoundSummary) -> None:
+        summaries.append(summary)
+        if opened:
+            from pfedmoap_cli.tracking.rows import round_rows
+
+            rows = round_rows(paths, summary.round_index)  # what the round sealed, whichever runtime wrote it
+            for observer in opened:
+                observer.log_round(summary.round_index, rows)
+
+    try:
+        finished = trainer(stop_after, on_round)
+    finally:
+        _close_observers(opened)
     return RunOutcome(run_id, paths, finished, settings.rounds, summaries[-1] if summaries else None)
