@@ -66,13 +66,19 @@ def test_unknown_model_and_tag_are_config_errors():
         load_backbone(BackboneSpec("tiny-vit", "no_such_tag"))
 
 
-def test_unreachable_pretrained_tag_is_a_user_error(monkeypatch):
-    open_clip = import_open_clip()
+def test_unreachable_pretrained_tag_is_a_user_error(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
 
     def offline(*args, **kwargs):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    # The weights are looked up in the (here empty) cache, then asked of the Hub once (model/hub.py).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", offline)
     with pytest.raises(UserError, match=r"could not fetch pretrained weights RN50/openai \(offline\?\)"):
         load_backbone(BackboneSpec("RN50", "openai"))
 
@@ -163,7 +169,7 @@ def test_open_clip_state_dict_checkpoints(backbones, tmp_path):
         assert _same_features(source, loaded)
         assert loaded.spec.identity().startswith("tiny-rn|sha256:")
     assert not _same_features(source, backbones["tiny-rn"])
-    with pytest.raises(ArtifactError, match="does not match architecture tiny-vit"):
+    with pytest.raises(ArtifactError, match="does not match --backbone tiny-vit; pass --backbone tiny-rn"):
         load_backbone(BackboneSpec("tiny-vit", str(wrapped)))
 
 

@@ -29,11 +29,13 @@ from pfedmoap_cli.model import pretrained as project_weights
 from pfedmoap_cli.model import transforms
 from pfedmoap_cli.model.checkpoints import (
     build_openai_model,
+    check_clip_layout,
     load_open_clip_state,
     looks_like_path,
     read_checkpoint,
 )
 from pfedmoap_cli.model.device import autocast_context, precision_tag, resolve_device
+from pfedmoap_cli.model.hub import resolve_tag_weights
 
 __all__ = ["BackboneSpec", "FrozenClip", "load_backbone", "resolve_device", "register_tiny_configs"]
 
@@ -259,13 +261,20 @@ def _create_from_tag(open_clip, spec: BackboneSpec) -> torch.nn.Module:
             "pass one of those, a local checkpoint path, or no --pretrained for random weights"
         )
     quick_gelu = bool(tag_cfg.get("quick_gelu", False)) and not open_clip.get_model_config(spec.model).get("quick_gelu")
+    # The file is found here (local cache first, offline-safe, no retry loop: model/hub.py), then open_clip
+    # builds the architecture and loads it as it would for the tag, with the tag's preprocessing.
+    path = resolve_tag_weights(open_clip, spec.model, spec.pretrained, tag_cfg)
+    preprocess = {key: value for key, value in tag_cfg.items() if key != "size"}
     try:
-        return _create_seeded(open_clip, spec.model, spec.init_seed, pretrained=spec.pretrained, force_quick_gelu=quick_gelu)
+        return _create_seeded(
+            open_clip, spec.model, spec.init_seed, pretrained=path, force_quick_gelu=quick_gelu,
+            force_preprocess_cfg=preprocess,
+        )
     except Exception as error:
         cause = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise UserError(
-            f"could not fetch pretrained weights {spec.model}/{spec.pretrained} (offline?); download them on a "
-            f"connected machine or pass a local checkpoint with --pretrained PATH [{cause}]"
+        raise ArtifactError(
+            f"pretrained weights {spec.model}/{spec.pretrained} at {path} do not load ({type(error).__name__}: {cause}); "
+            "delete that file from the cache to download it again, or pass a local checkpoint with --pretrained PATH"
         ) from error
 
 
@@ -305,10 +314,14 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", amp: b
         raise ArtifactError(f"checkpoint file {spec.pretrained} does not exist; check the path given to --pretrained")
     if path is not None:
         contents = read_checkpoint(path)
-        if contents.openai_format:
+        if contents.openai_format or (contents.layout and open_clip.get_model_config(spec.model) is None):
+            # Self-describing OpenAI files, and OpenAI-layout state dicts under a name open_clip does not
+            # know (a label): the architecture comes from the tensor shapes, with OpenAI's QuickGELU.
             clip = build_openai_model(contents.state_dict, path)
         else:
             _check_model_name(open_clip, spec.model)
+            if contents.layout:
+                check_clip_layout(spec.model, contents.state_dict, contents.layout, path)
             clip = _create_seeded(open_clip, spec.model, spec.init_seed, pretrained=None)
             load_open_clip_state(clip, contents.state_dict, spec.model, path)
     elif spec.pretrained is None:
