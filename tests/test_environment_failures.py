@@ -124,12 +124,12 @@ def test_full_disk_safetensors_write_is_a_storage_error_and_leaves_the_old_file(
 
 
 def test_os_errors_outside_the_write_boundary_are_one_line(cli, monkeypatch, tmp_path):
-    from pfedmoap_cli.cli import report_cmd
+    from pfedmoap_cli import api  # the report command's code path
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "ws" / "runs"))
 
-    monkeypatch.setattr(report_cmd, "summarize_runs", denied)
+    monkeypatch.setattr(api, "summarize_runs", denied)
     message = one_line_error(cli("report"))
     assert message.startswith(f"error: permission denied at {tmp_path / 'ws' / 'runs'}; make ") and "writable" in message
 
@@ -139,7 +139,7 @@ def test_os_errors_outside_the_write_boundary_are_one_line(cli, monkeypatch, tmp
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(report_cmd, "summarize_runs", full)
+    monkeypatch.setattr(api, "summarize_runs", full)
     assert one_line_error(cli("report")).startswith("error: no space left on the device")
 
 

@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pfedmoap_cli.artifacts.atomic import atomic_write_text
-from pfedmoap_cli.report.runs import summarize_runs, to_markdown
+from pfedmoap_cli import api
 
 HELP = """Summarise the runs in the workspace, or build a paper table from them.
 
@@ -33,35 +32,6 @@ def _warn(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _table_report(cli, table: str, plots: bool) -> None:
-    from pfedmoap_cli.report import plots as plotting
-    from pfedmoap_cli.report import render
-    from pfedmoap_cli.report.table_recipes import load_table_recipe
-    from pfedmoap_cli.report.tables import table_report
-
-    recipe = load_table_recipe(table)
-    report = table_report(cli.ws, recipe, warn=_warn)
-    out = cli.ws.reports_dir
-    files = {
-        out / f"{recipe.stem}.md": render.to_markdown(report),
-        out / f"{recipe.stem}.csv": render.to_csv(report),
-        out / f"{recipe.stem}.tex": render.to_latex(report),
-    }
-    for path, text in files.items():
-        atomic_write_text(path, text)
-    typer.echo(files[out / f"{recipe.stem}.md"])
-    typer.echo(f"written to {', '.join(str(p) for p in files)}")
-    if not plots:
-        return
-    if not report.metrics:
-        typer.echo("no plots: no finished runs of this table yet")
-    elif not plotting.plots_available():
-        typer.echo(f"no plots: {plotting.INSTALL_HINT}")
-    else:
-        written = plotting.write_plots(report, out)
-        typer.echo(f"plots: {', '.join(str(p) for p in written)}")
-
-
 def report(
     ctx: typer.Context,
     table: Annotated[
@@ -70,15 +40,17 @@ def report(
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="With --table: also write PNG plots (needs matplotlib).")] = True,
 ) -> None:
     cli = ctx.obj
+    result = api.report(workspace=cli.workspace, table=table, plots=plots, warn=_warn)
     if table is not None:
-        _table_report(cli, table, plots)
+        typer.echo(result.markdown)
+        typer.echo(f"written to {', '.join(str(p) for p in result.files)}")
+        if result.plot_note is not None:
+            typer.echo(f"no plots: {result.plot_note}")
+        elif plots:
+            typer.echo(f"plots: {', '.join(str(p) for p in result.plots)}")
         return
-    summary = summarize_runs(cli.ws.runs_dir, warn=_warn)
-    if summary.empty:
+    if result.frame.empty:
         typer.echo(f"no finished rounds in {cli.ws.runs_dir}; train a run first with 'pfedmoap train'")
         return
-    summary = summary.sort_values(["dataset", "method", "seed", "run_id"]).reset_index(drop=True)
-    out = cli.ws.reports_dir / "runs.csv"
-    atomic_write_text(out, summary.to_csv(index=False))
-    typer.echo(to_markdown(summary))
-    typer.echo(f"\nwritten to {out}")
+    typer.echo(result.markdown)
+    typer.echo(f"\nwritten to {result.files[0]}")

@@ -1,4 +1,10 @@
-"""Federated methods, one file each; importing this package registers them all."""
+"""Federated methods, one file each; importing this package registers them all.
+
+Methods of other packages are added through the ``pfedmoap.methods``
+entry-point group; :func:`pfedmoap_cli.methods.base.method_names` and
+:func:`~pfedmoap_cli.methods.base.get_method` load them (once) the first time
+the registry is read. See :mod:`pfedmoap_cli.methods.base`.
+"""
 
 from pfedmoap_cli.methods import coop, promptfl, zsclip  # noqa: F401
 from pfedmoap_cli.methods import pfedmoap  # noqa: F401

@@ -22,6 +22,14 @@ of hooks:
 
 State is plain ``dict[str, torch.Tensor]`` so the engine can checkpoint it
 without knowing what it means.
+
+Methods are found by name in a registry: the built-in ones register with
+:func:`register_method` when :mod:`pfedmoap_cli.methods` is imported, and
+third-party packages add theirs through the entry-point group
+``pfedmoap.methods`` (each entry point a :class:`FederatedMethod` subclass
+whose ``name`` is the entry point's, or a module that registers it), loaded
+once, the first time the registry is read. A plug-in that cannot be loaded is
+refused with a one-line reason and leaves every other method usable.
 """
 
 from __future__ import annotations
@@ -236,30 +244,107 @@ class FederatedMethod(ABC):
 
 _REGISTRY: dict[str, type[FederatedMethod]] = {}
 
+#: The entry-point group third-party packages declare their methods in
+#: (``[project.entry-points."pfedmoap.methods"]`` in their pyproject.toml).
+ENTRY_POINT_GROUP = "pfedmoap.methods"
+#: Names of the methods shipped with pfedmoap (filled when the registry is first read).
+_BUILTIN: set[str] = set()
+#: Entry-point name -> why that plug-in was refused (one line naming it and its package).
+_PLUGIN_PROBLEMS: dict[str, str] = {}
+_plugins_loaded = False
+
 
 def register_method(cls: type[FederatedMethod]) -> type[FederatedMethod]:
     """Class decorator: make a method available by its ``name``."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} registered twice")
+        first = _REGISTRY[cls.name]
+        raise ValueError(f"method name {cls.name!r} registered twice ({first.__module__}.{first.__qualname__} and {cls.__module__}.{cls.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def method_names() -> list[str]:
-    """Names of every registered method, sorted."""
-    from pfedmoap_cli import methods  # noqa: F401  (imports register the methods)
+def _describe(entry_point: Any) -> str:
+    """``entry point 'NAME = module:attr' of package DIST VERSION`` for messages."""
+    dist = getattr(entry_point, "dist", None)
+    package = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown package"
+    return f"entry point '{entry_point.name} = {entry_point.value}' (group {ENTRY_POINT_GROUP}) of package {package}"
 
+
+def _load_plugin(entry_point: Any) -> None:
+    """Import one entry point and register its method; raises ValueError/ImportError/... when it cannot."""
+    import inspect
+
+    before = set(_REGISTRY)
+    loaded = entry_point.load()
+    if inspect.isclass(loaded):
+        if not issubclass(loaded, FederatedMethod):
+            raise TypeError(f"{loaded.__qualname__} is not a FederatedMethod subclass")
+        name = getattr(loaded, "name", None)
+        if name != entry_point.name:
+            raise ValueError(f"the method's name is {name!r}; the entry point must have the same name")
+        if name in _BUILTIN and _REGISTRY.get(name) is not loaded:
+            raise ValueError(f"{name!r} is a built-in method's name; rename the plug-in")
+        register_method(loaded)
+    elif inspect.ismodule(loaded):
+        # A module registers its methods with @register_method when imported
+        # (which refuses a built-in's name); the entry point names one of them.
+        if entry_point.name not in _REGISTRY or entry_point.name in before:
+            raise ValueError(f"module {loaded.__name__} registered no method named {entry_point.name!r}")
+    else:
+        raise TypeError(f"it names {type(loaded).__name__} {loaded!r}, not a FederatedMethod subclass or a module registering one")
+
+
+def _load_registry() -> None:
+    """Register the built-in methods, then (once per process) the plug-ins of :data:`ENTRY_POINT_GROUP`.
+
+    A plug-in that fails to import, is not a method, or takes a built-in's name
+    is refused and remembered with a one-line reason (:func:`plugin_problems`);
+    the other methods are unaffected.
+    """
+    global _plugins_loaded
+    from pfedmoap_cli import methods  # noqa: F401  (imports register the built-in methods)
+
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    _BUILTIN.update(_REGISTRY)
+    from importlib.metadata import entry_points
+
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        if entry_point.name in _REGISTRY and entry_point.name not in _BUILTIN:
+            continue  # the same plug-in seen twice on sys.path
+        before = dict(_REGISTRY)
+        try:
+            _load_plugin(entry_point)
+        except Exception as error:  # noqa: BLE001 -- any failure of third-party code refuses that plug-in only
+            _REGISTRY.clear()
+            _REGISTRY.update(before)  # nothing half-registered stays behind
+            reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+            _PLUGIN_PROBLEMS[entry_point.name] = f"method plug-in {_describe(entry_point)} was refused: {reason}"
+
+
+def plugin_problems() -> dict[str, str]:
+    """Entry-point name -> one-line reason, for each method plug-in that could not be registered."""
+    _load_registry()
+    return dict(_PLUGIN_PROBLEMS)
+
+
+def method_names() -> list[str]:
+    """Names of every registered method (built-in and plug-in), sorted."""
+    _load_registry()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> type[FederatedMethod]:
-    """The method class registered as ``name``."""
+    """The method class registered as ``name`` (a :class:`ConfigError` names a broken plug-in of that name)."""
     from pfedmoap_cli.errors import ConfigError
 
     names = method_names()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(names)}")
-    return _REGISTRY[name]
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _PLUGIN_PROBLEMS:
+        raise ConfigError(_PLUGIN_PROBLEMS[name])
+    raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(names)}")
 
 
 def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
