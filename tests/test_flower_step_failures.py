@@ -57,6 +57,8 @@ def local_runs(world):  # noqa: F811
 
 def test_the_simulation_rules():
     assert (STRICT.retries, STRICT.require_every_client) == (1, True)
+    # the handshake of a simulation waits no longer than a step, so a lost reply is asked again soon
+    assert simulation_options(60.0).query_timeout == 60.0 and simulation_options(7200.0).query_timeout == 300.0
     assert (OPTIONS.retries, OPTIONS.require_every_client) == (0, False)  # a deployment's defaults
 
 

@@ -21,8 +21,12 @@ from pfedmoap_cli.flower.server import FlowerOptions
 def simulation_options(round_timeout: float = FlowerOptions.round_timeout) -> FlowerOptions:
     """A simulation's server options: every virtual node runs on this machine,
     so a failed step is sent once more and a client that still fails stops
-    the run (with the node's reason) instead of becoming a silent missing row."""
-    return FlowerOptions(round_timeout=round_timeout, retries=1, require_every_client=True)
+    the run (with the node's reason) instead of becoming a silent missing row.
+    The handshake waits no longer than a step: a lost reply (seen under heavy
+    load) then costs one timeout before the node is asked again."""
+    return FlowerOptions(
+        round_timeout=round_timeout, query_timeout=min(FlowerOptions.query_timeout, round_timeout), retries=1, require_every_client=True
+    )
 
 
 @dataclass(frozen=True)
