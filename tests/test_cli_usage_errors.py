@@ -9,6 +9,7 @@ Python, in a subprocess.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,19 @@ def test_shared_options_work_after_the_subcommand_and_win_over_those_before(tmp_
     for command in ("download", "partition", "train", "evaluate", "report", "sweep"):
         text = _run(command, "--help", cwd=tmp_path).stdout
         assert "--workspace" in text and "--data-root" in text and "--quiet" in text, command
+
+
+@pytest.mark.parametrize("command", ["partition", "train", "evaluate", "report", "sweep", "download"])
+def test_help_shows_conventional_metavars(command):
+    """Every option that takes a value names it (N, NAME, KEY=VALUE, ...), not click's type names."""
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    done = subprocess.run([str(SCRIPT), command, "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    option_lines = [line for line in done.stdout.splitlines() if line.lstrip().startswith("-")]
+    assert option_lines, done.stdout
+    for line in option_lines:
+        names = line.split("  ")[0]
+        assert not re.search(r"\b(TEXT|INTEGER|FLOAT|PATH)\b|<(str|int|bool|float)>", names), line
+    if command == "train":
+        assert "data_recipes/<dataset>.toml" in done.stdout and "--rounds N" in done.stdout, done.stdout

@@ -94,10 +94,10 @@ def main_options(
     ctx: typer.Context,
     workspace: Annotated[
         Path,
-        typer.Option("--workspace", "-w", envvar="PFEDMOAP_WORKSPACE", help=WORKSPACE_HELP),
+        typer.Option("--workspace", "-w", metavar="DIR", envvar="PFEDMOAP_WORKSPACE", help=WORKSPACE_HELP),
     ] = Path("pfedmoap-workspace"),
     data_root: Annotated[
-        Path, typer.Option("--data-root", envvar="PFEDMOAP_DATA", help=DATA_ROOT_HELP)
+        Path, typer.Option("--data-root", metavar="DIR", envvar="PFEDMOAP_DATA", help=DATA_ROOT_HELP)
     ] = Path("data"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,

@@ -47,7 +47,7 @@ def _list(root: Path) -> None:
 
 def download(
     ctx: typer.Context,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset to fetch (see --list).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", metavar="NAME", help="Dataset to fetch (see --list).")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the datasets and whether each is present under --data-root.")] = False,
 ) -> None:
     cli = ctx.obj

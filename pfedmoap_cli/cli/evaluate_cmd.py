@@ -20,9 +20,9 @@ Examples:
 
 def evaluate(
     ctx: typer.Context,
-    run: Annotated[str, typer.Option("--run", "-r", help="Run id (a folder under runs/).")],
-    round_: Annotated[Optional[int], typer.Option("--round", help="Only this round (default: every complete round).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    run: Annotated[str, typer.Option("--run", "-r", metavar="RUN_ID", help="Run id (a folder under runs/).")],
+    round_: Annotated[Optional[int], typer.Option("--round", metavar="N", help="Only this round (default: every complete round).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda.")] = None,
 ) -> None:
     cli = ctx.obj
 

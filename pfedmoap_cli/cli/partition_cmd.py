@@ -26,19 +26,19 @@ Examples:
 
 def partition(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (see 'pfedmoap download --list').")],
-    clients: Annotated[Optional[int], typer.Option("--clients", "-n", help="Number of clients (recipe default otherwise).")] = None,
-    dirichlet: Annotated[Optional[float], typer.Option("--dirichlet", help="Dirichlet label shift with this alpha (> 0).")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", metavar="NAME", help="Dataset name (see 'pfedmoap download --list').")],
+    clients: Annotated[Optional[int], typer.Option("--clients", "-n", metavar="N", help="Number of clients (recipe default otherwise).")] = None,
+    dirichlet: Annotated[Optional[float], typer.Option("--dirichlet", metavar="ALPHA", help="Dirichlet label shift with this alpha (> 0).")] = None,
     pathological: Annotated[bool, typer.Option("--pathological", help="Disjoint class sets per client (Table 1).")] = False,
     iid: Annotated[bool, typer.Option("--iid", help="Uniformly random, equal-size shares.")] = False,
-    shots: Annotated[Optional[int], typer.Option("--shots", help="Pathological: training images per owned class (0 = all).")] = None,
-    min_size: Annotated[Optional[int], typer.Option("--min-size", help="Dirichlet: least train and test samples per client (>= 1).")] = None,
+    shots: Annotated[Optional[int], typer.Option("--shots", metavar="K", help="Pathological: training images per owned class (0 = all).")] = None,
+    min_size: Annotated[Optional[int], typer.Option("--min-size", metavar="N", help="Dirichlet: least train and test samples per client (>= 1).")] = None,
     clients_per_domain: Annotated[
-        Optional[int], typer.Option("--clients-per-domain", help="Domain feature shift: split each domain over this many clients.")
+        Optional[int], typer.Option("--clients-per-domain", metavar="N", help="Domain feature shift: split each domain over this many clients.")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Partition seed (0 is a seed like any other).")] = 1,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Partition seed (0 is a seed like any other).")] = 1,
     option: Annotated[
-        Optional[list[str]], typer.Option("--option", "-o", help="Dataset option KEY=VALUE (e.g. seed=3 for synthetic); repeatable.")
+        Optional[list[str]], typer.Option("--option", "-o", metavar="KEY=VALUE", help="Dataset option KEY=VALUE (e.g. seed=3 for synthetic); repeatable.")
     ] = None,
 ) -> None:
     cli = ctx.obj

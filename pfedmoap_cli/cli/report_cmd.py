@@ -35,7 +35,7 @@ def _warn(line: str) -> None:
 def report(
     ctx: typer.Context,
     table: Annotated[
-        Optional[str], typer.Option("--table", "-t", help="A paper table: 1, 2, 3, 4, demo, or a table recipe .toml.")
+        Optional[str], typer.Option("--table", "-t", metavar="TABLE", help="A paper table: 1, 2, 3, 4, demo, or a table recipe .toml.")
     ] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="With --table: also write PNG plots (needs matplotlib).")] = True,
 ) -> None:

@@ -36,13 +36,13 @@ _SHARED = {
         "shared_workspace",
         inspect.Parameter.KEYWORD_ONLY,
         default=None,
-        annotation=Annotated[Optional[Path], typer.Option("--workspace", "-w", help=_after(WORKSPACE_HELP))],
+        annotation=Annotated[Optional[Path], typer.Option("--workspace", "-w", metavar="DIR", help=_after(WORKSPACE_HELP))],
     ),
     "shared_data_root": inspect.Parameter(
         "shared_data_root",
         inspect.Parameter.KEYWORD_ONLY,
         default=None,
-        annotation=Annotated[Optional[Path], typer.Option("--data-root", help=_after(DATA_ROOT_HELP))],
+        annotation=Annotated[Optional[Path], typer.Option("--data-root", metavar="DIR", help=_after(DATA_ROOT_HELP))],
     ),
     "shared_quiet": inspect.Parameter(
         "shared_quiet",

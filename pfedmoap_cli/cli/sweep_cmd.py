@@ -72,12 +72,12 @@ def _listing(cells: list[CellRun], blocked_methods: set[str], method_of: dict[st
 
 def sweep(
     ctx: typer.Context,
-    table: Annotated[str, typer.Option("--table", "-t", help="Table: 1, 2, 3, 4, demo, or a table recipe .toml.")],
+    table: Annotated[str, typer.Option("--table", "-t", metavar="TABLE", help="Table: 1, 2, 3, 4, demo, or a table recipe .toml.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells with their state (done/partial/missing); run nothing.")] = False,
     only: Annotated[
-        Optional[list[str]], typer.Option("--only", help="Keep only this dataset, method or row key; repeatable.")
+        Optional[list[str]], typer.Option("--only", metavar="KEY", help="Keep only this dataset, method or row key; repeatable.")
     ] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (does not change run ids).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda (does not change run ids).")] = None,
     engine: Annotated[
         Engine, typer.Option("--engine", help="Where each run's rounds run: 'local' or 'flower' (Flower's simulation runtime; same run ids).")
     ] = Engine.LOCAL,

@@ -17,7 +17,9 @@ from pfedmoap_cli.tracking.registry import make_trackers
 HELP = """Train a federation on the current (or a named) partition.
 
 Settings come from the defaults, the dataset's recipe, --config FILE (TOML,
-keys as in run.json's settings, optionally under [train]), then flags.
+keys as in run.json's settings, optionally under [train]), then flags. So no
+setting shows a default below: it depends on the dataset (its recipe is
+data_recipes/<dataset>.toml), and run.json records the value used.
 
 Examples:
 
@@ -46,49 +48,49 @@ from pfedmoap_cli.engine.train_request import (  # noqa: E402,F401
 
 def train(
     ctx: typer.Context,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (zsclip, coop, promptfl, ...).")] = None,
-    rounds: Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds.")] = None,
-    local_epochs: Annotated[Optional[int], typer.Option("--local-epochs", help="Local epochs per round.")] = None,
-    frac: Annotated[Optional[float], typer.Option("--frac", help="Fraction of clients sampled per round, in (0, 1].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Experiment seed (0 is honoured).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Prompt learning rate.")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Number of learnable context tokens (ignored with --ctx-init, whose phrase sets it).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", metavar="NAME", help="Method name (zsclip, coop, promptfl, ...).")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", metavar="N", help="Communication rounds.")] = None,
+    local_epochs: Annotated[Optional[int], typer.Option("--local-epochs", metavar="N", help="Local epochs per round.")] = None,
+    frac: Annotated[Optional[float], typer.Option("--frac", metavar="FRACTION", help="Fraction of clients sampled per round, in (0, 1].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help="Training batch size.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Experiment seed (0 is honoured).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", metavar="LR", help="Prompt learning rate.")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", metavar="N", help="Number of learnable context tokens (ignored with --ctx-init, whose phrase sets it).")] = None,
     ctx_init: Annotated[
         Optional[str],
         typer.Option(
             "--ctx-init",
-            help="Initialise the context from a phrase, e.g. 'a photo of a'. The context length is then the phrase's "
+            metavar="PHRASE", help="Initialise the context from a phrase, e.g. 'a photo of a'. The context length is then the phrase's "
             "number of BPE tokens, not its word count: 4 for 'a photo of a', but 7 for 'a close-up photo of a' (5 words).",
         ),
     ] = None,
-    backbone: Annotated[Optional[str], typer.Option("--backbone", help="open_clip model name (RN50, ViT-B-16, tiny-vit, ...).")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", metavar="NAME", help="open_clip model name (RN50, ViT-B-16, tiny-vit, ...).")] = None,
     pretrained: Annotated[
-        Optional[str], typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or 'none'.")
+        Optional[str], typer.Option("--pretrained", metavar="TAG|PATH|none", help="open_clip pretrained tag, a local checkpoint path, or 'none'.")
     ] = None,
-    backbone_seed: Annotated[Optional[int], typer.Option("--backbone-seed", help="Init seed of a randomly initialised backbone.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    backbone_seed: Annotated[Optional[int], typer.Option("--backbone-seed", metavar="N", help="Init seed of a randomly initialised backbone.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast for the frozen encoders on GPU.")] = None,
     truncate_prompts: Annotated[
         Optional[bool], typer.Option("--truncate/--no-truncate", help="Run the text encoder only up to the last EOT token (exact in fp32; part of the run id, since under bf16 the last bits differ).")
     ] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size for evaluation and features (part of the run id: FedOTP's transport is solved per batch).")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--workers", help="Image-loading worker processes (0: in the main process).")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", metavar="N", help="Batch size for evaluation and features (part of the run id: FedOTP's transport is solved per batch).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Image-loading worker processes (0: in the main process).")] = None,
     method_option: Annotated[
-        Optional[list[str]], typer.Option("--method-option", help="Method-specific KEY=VALUE; repeatable.")
+        Optional[list[str]], typer.Option("--method-option", metavar="KEY=VALUE", help="Method-specific KEY=VALUE; repeatable.")
     ] = None,
-    num_experts: Annotated[Optional[int], typer.Option("--num-experts", help="pFedMoAP: K, the number of non-local experts.")] = None,
+    num_experts: Annotated[Optional[int], typer.Option("--num-experts", metavar="K", help="pFedMoAP: K, the number of non-local experts.")] = None,
     expert_selection: Annotated[
-        Optional[str], typer.Option("--expert-selection", help="pFedMoAP: 'nearest' (default) or 'random'.")
+        Optional[str], typer.Option("--expert-selection", metavar="nearest|random", help="pFedMoAP: 'nearest' (default) or 'random'.")
     ] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="pFedMoAP: weight of the local logits (0.5; Table 1 also 0).")] = None,
-    gating_dim: Annotated[Optional[int], typer.Option("--gating-dim", help="pFedMoAP: pooled width d_g (must divide D).")] = None,
-    gating_heads: Annotated[Optional[int], typer.Option("--gating-heads", help="pFedMoAP: attention heads of the gating network.")] = None,
-    gating_scaling: Annotated[Optional[float], typer.Option("--gating-scaling", help="pFedMoAP: attention scaling sigma.")] = None,
-    gating_lr: Annotated[Optional[float], typer.Option("--gating-lr", help="pFedMoAP: learning rate of the gating network.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of settings.")] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="Partition file or name (default: the current one).")] = None,
-    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Name of the run (default: derived from its settings).")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", metavar="WEIGHT", help="pFedMoAP: weight of the local logits (0.5; Table 1 also 0).")] = None,
+    gating_dim: Annotated[Optional[int], typer.Option("--gating-dim", metavar="D", help="pFedMoAP: pooled width d_g (must divide D).")] = None,
+    gating_heads: Annotated[Optional[int], typer.Option("--gating-heads", metavar="H", help="pFedMoAP: attention heads of the gating network.")] = None,
+    gating_scaling: Annotated[Optional[float], typer.Option("--gating-scaling", metavar="SIGMA", help="pFedMoAP: attention scaling sigma.")] = None,
+    gating_lr: Annotated[Optional[float], typer.Option("--gating-lr", metavar="LR", help="pFedMoAP: learning rate of the gating network.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="TOML file of settings.")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", metavar="NAME|PATH", help="Partition file or name (default: the current one).")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", metavar="NAME", help="Name of the run (default: derived from its settings).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last complete round.")] = False,
     engine: Annotated[
         Engine,
