@@ -150,7 +150,7 @@ def require_flower():
 #: Modules that mostly wait on other processes (Flower's SuperLink, SuperNodes and
 #: Ray): collected first, so that pytest-xdist hands them to workers at once and
 #: the CPU-bound modules run beside them instead of after them.
-WAITING_MODULES = ("test_flower_deployment.py", "test_flower_deployment_faults.py", "test_flower_cli.py", "test_flower_cli_resume.py")
+WAITING_MODULES = ("test_flower_deployment.py", "test_flower_deployment_faults.py", "test_flower_cli.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -2,9 +2,9 @@
 
 1. Flower's real simulation runtime (Ray), started by the installed console
    script in a subprocess, writes bit for bit the run files of the local
-   engine (pFedMoAP here; PromptFL resumed on Flower after a local start, in
-   test_flower_cli_resume.py, a module of its own so that the two Ray
-   simulations run in parallel test workers).
+   engine (pFedMoAP; PromptFL resumed on Flower after a local start, which also
+   shows that the engine is not part of the run id). Two simulations only:
+   each costs tens of seconds of Ray start-up on a small machine.
 2. Usage errors of the new options: exit 2, one line naming the fix.
 3. ``--write-flower-app DIR`` writes the app a deployment runs, with the
    resolved settings of the run.
@@ -115,6 +115,26 @@ def test_flower_simulation_writes_the_local_engines_run_files(workspace):
     assert_same_run_files(run_paths(workspace, "flower-pfedmoap"), run_paths(workspace, "local-pfedmoap"), rounds=2)
     record = json.loads(run_paths(workspace, "flower-pfedmoap").run_json.read_text())
     assert record["settings"] == json.loads(run_paths(workspace, "local-pfedmoap").run_json.read_text())["settings"]
+
+
+def test_a_local_run_resumes_on_flower(workspace):
+    """Started locally and stopped after round 0, then ``--resume --engine flower`` with the same flags: the same run id."""
+    flags = (*TRAIN, *METHOD_FLAGS["promptfl"])
+    started = in_process(workspace, *flags, "--stop-after", "1")
+    assert started.exit_code == 0 and "1/2 rounds complete" in started.stdout, started.stderr
+    run_id = started.stdout.split("run ", 1)[1].split(":", 1)[0]
+    assert run_id != "local-promptfl" and run_paths(workspace, run_id).run_json.is_file()
+    runs_before = sorted(p.name for p in (workspace / "runs").iterdir())
+
+    done = script(workspace, *flags, "--resume", "--engine", "flower", "--round-timeout", "60")
+    sys.stderr.write(done.stderr)  # shown by pytest when a comparison below fails
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"run {run_id}: 2/2 rounds complete" in done.stdout, done.stdout
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before  # no new run: the engine is not in the id
+    assert_same_run_files(run_paths(workspace, run_id), run_paths(workspace, "local-promptfl"), rounds=2)
+    # a finished run is not trained again, whichever engine is asked
+    again = in_process(workspace, *flags, "--resume", "--engine", "flower")
+    assert again.exit_code == 0 and "already complete" in again.stdout, again.stderr
 
 
 # ---- 2. usage errors ------------------------------------------------------------------------------
