@@ -20,7 +20,6 @@ from pfedmoap_cli.report.sweep import (
 )
 from pfedmoap_cli.report.table_recipes import TableRecipe, load_table_recipe
 from pfedmoap_cli.cli.train_cmd import Engine, make_runtime
-from pfedmoap_cli.engine.runner import observing
 from pfedmoap_cli.tracking.registry import make_trackers
 
 HELP = """Run every cell (dataset x method x seed) of a paper table that is not finished yet.
@@ -132,10 +131,10 @@ def sweep(
         typer.echo(f"  skipped {cell.dataset} {cell.row} seed {cell.seed}: {error}", err=True)
 
     try:
-        with observing(trackers):
-            run_cells(
-                ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use, runtime=runtime
-            )
+        run_cells(
+            ws, cli.data_root, recipe, cells, partitions, progress=cli.progress, device=device, on_done=finished, on_busy=in_use, runtime=runtime,
+            observers=trackers,
+        )
     except KeyboardInterrupt:
         typer.echo(f"interrupted; finished runs and completed rounds are saved, continue with 'pfedmoap sweep --table {table}'", err=True)
         raise typer.Exit(130) from None

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from pfedmoap_cli.artifacts.metrics import MetricRow
 from pfedmoap_cli.artifacts.partition import Partition, load_partition
@@ -78,24 +76,6 @@ class RunObserver(Protocol):
         """Start following ``job``, whose first ``completed_rounds`` rounds are complete and verified."""
 
 
-#: Observers for :func:`execute_run` calls that pass none (see :func:`observing`).
-_DEFAULT_OBSERVERS: ContextVar[tuple[RunObserver, ...]] = ContextVar("pfedmoap_run_observers", default=())
-
-
-@contextmanager
-def observing(observers: Sequence[RunObserver]) -> Iterator[None]:
-    """Every :func:`execute_run` in this block (that passes no ``observers``) is followed by ``observers``.
-
-    For callers that reach ``execute_run`` through code that does not pass
-    observers on (``pfedmoap sweep`` through ``run_cells``).
-    """
-    token = _DEFAULT_OBSERVERS.set(tuple(observers))
-    try:
-        yield
-    finally:
-        _DEFAULT_OBSERVERS.reset(token)
-
-
 @dataclass(frozen=True)
 class RunOutcome:
     """Where a run stands after :func:`execute_run`."""
@@ -126,10 +106,10 @@ def execute_run(
     """Train ``settings`` on the partition at ``partition_path`` as far as it goes.
 
     ``runtime`` decides where the rounds run (default: :class:`LocalRuntime`);
-    every runtime writes the same run folder. ``observers`` (default: those of
-    an enclosing :func:`observing` block) are opened once the run's complete
-    rounds are known and told each round after it is complete, with its rows
-    read back from the round's manifest, whichever runtime trained it.
+    every runtime writes the same run folder. ``observers`` are opened once the
+    run's complete rounds are known and told each round after it is complete,
+    with its rows read back from the round's manifest, whichever runtime
+    trained it.
 
     Raises
     ------
@@ -144,8 +124,7 @@ def execute_run(
     with RunLock(workspace.locks_dir, run_id):
         paths = RunPaths(workspace.run_dir(run_id))
         job = RunJob(workspace, Path(data_root), settings, Path(partition_path), partition, partition_sha, run_id, paths, progress)
-        chosen = tuple(observers) if observers is not None else _DEFAULT_OBSERVERS.get()
-        return _execute_locked(job, if_exists, stop_after, runtime or LocalRuntime(), chosen)
+        return _execute_locked(job, if_exists, stop_after, runtime or LocalRuntime(), tuple(observers or ()))
 
 
 def _open_observers(job: RunJob, done: int, observers: Sequence[RunObserver]) -> list[RoundObserver]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from pfedmoap_cli.artifacts.partition import Partition, check_no_empty_clients, save_partition
 from pfedmoap_cli.artifacts.run_lock import RunInUse
 from pfedmoap_cli.data.build_partition import build_partition
 from pfedmoap_cli.data.sources import DatasetSource, dataset_names, open_dataset
-from pfedmoap_cli.engine.runner import IfExists, RunOutcome, Runtime, execute_run
+from pfedmoap_cli.engine.runner import IfExists, RunObserver, RunOutcome, Runtime, execute_run
 from pfedmoap_cli.engine.session import method_options
 from pfedmoap_cli.engine.settings import validate_settings
 from pfedmoap_cli.engine.workspace import Workspace
@@ -177,8 +177,11 @@ def run_cells(
     on_done: Callable[[CellRun, RunOutcome], None] | None = None,
     on_busy: Callable[[CellRun, RunInUse], None] | None = None,
     runtime: Runtime | None = None,
+    observers: Sequence[RunObserver] = (),
 ) -> list[RunOutcome]:
     """Run every cell that is not done (partial ones resume); a tqdm bar counts all of them.
+
+    ``observers`` (experiment trackers, ``--report-to``) follow every run.
 
     Each cell runs on the partition of its dataset entry and partition seed
     (``recipe.partition_seed_for(seed)``). A cell whose run another process is
@@ -198,7 +201,8 @@ def run_cells(
             partition = partitions[(cell.dataset, recipe.partition_seed_for(cell.seed))]
             try:
                 outcome = execute_run(
-                    ws, data_root, settings, partition.path, run_id=None, if_exists=IfExists.AUTO, progress=progress, runtime=runtime
+                    ws, data_root, settings, partition.path, run_id=None, if_exists=IfExists.AUTO, progress=progress, runtime=runtime,
+                    observers=observers,
                 )
             except RunInUse as busy:
                 # Another sweep (maybe on another machine sharing the workspace) is
