@@ -26,7 +26,7 @@ from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics
 from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches, ordered_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
 from pfedmoap_cli.engine.recorder import RunRecorder, to_device
-from pfedmoap_cli.engine.run_record import mark_round_complete, prepare_resume
+from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
 from pfedmoap_cli.seeding import derive_seed, sample_clients, torch_generator
 from pfedmoap_cli.engine.session import Session
 from pfedmoap_cli.engine.workspace import RunPaths
@@ -173,9 +173,9 @@ class Federation:
         simulate an interruption in tests); the run can then be resumed.
         """
         total = self.settings.rounds
-        # Continue after the last round whose files verify (metrics.csv and
-        # progress.json are brought in line with it first).
-        done = prepare_resume(self.paths, self.run_id, self.settings.method, total)
+        # execute_run has already brought the folder back to its last verified
+        # round (prepare_resume hashes every checkpoint: once per start is enough).
+        done = completed_rounds(self.paths, total)
         if done > 0:
             server_state, client_states = self.load_round(done - 1)
         else:

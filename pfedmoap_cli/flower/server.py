@@ -44,7 +44,7 @@ from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.engine.evaluation import ClientScore
 from pfedmoap_cli.engine.federation import RoundSummary, clone_state
 from pfedmoap_cli.engine.recorder import RunRecorder
-from pfedmoap_cli.engine.run_record import mark_round_complete, prepare_resume
+from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import FederationError
 from pfedmoap_cli.flower.protocol import (
@@ -200,8 +200,8 @@ class FlowerServer:
     def run(self, stop_after: int | None = None, on_round: Callable[[RoundSummary], None] | None = None) -> int:
         """Train from the last complete round to the end; return rounds completed."""
         total = self.settings.rounds
-        # After the last round whose server-side files verify (see Federation.run).
-        done = prepare_resume(self.paths, self.run_info.run_id, self.settings.method, total, say=self.log)
+        # execute_run has already brought the folder back to its last verified round.
+        done = completed_rounds(self.paths, total)
         if done > 0:
             server_state = self.recorder.load_server_state(done - 1, self.device)
         else:
