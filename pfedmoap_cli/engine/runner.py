@@ -11,7 +11,7 @@ from pfedmoap_cli.artifacts.metrics import MetricRow
 from pfedmoap_cli.artifacts.partition import Partition, load_partition
 from pfedmoap_cli.artifacts.run_lock import RunLock
 from pfedmoap_cli.engine.federation import Federation, RoundSummary
-from pfedmoap_cli.engine.run_record import prepare_resume, progress_note, write_run_record
+from pfedmoap_cli.engine.run_record import prepare_resume, progress_note, remove_temp_files, write_run_record
 from pfedmoap_cli.engine.session import open_session
 from pfedmoap_cli.engine.settings import TrainSettings, default_run_id
 from pfedmoap_cli.engine.workspace import RunPaths, Workspace
@@ -157,6 +157,8 @@ def _execute_locked(
         raise ArtifactError(f"no run {run_id} to resume (no run matches these settings); start it without --resume")
     # Only rounds whose files verify count; the folder is repaired to the last of them.
     done = prepare_resume(paths, run_id, settings.method, settings.rounds) if exists else 0
+    if not exists and paths.root.is_dir():
+        remove_temp_files(paths.root)  # a run killed while writing its run.json starts anew, without the leftover
     if done >= settings.rounds:
         _close_observers(_open_observers(job, done, observers))  # they catch up on rounds they have not seen
         return RunOutcome(run_id, paths, done, settings.rounds, None)
