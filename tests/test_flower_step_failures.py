@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 
@@ -78,6 +79,42 @@ def test_a_step_that_failed_once_is_sent_again_and_the_run_is_the_local_one(worl
     assert f"round 0: sending {kind} again to clients [{client}] (attempt 2)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_a_slow_step_is_waited_for_not_sent_again(world, local_runs, kind, capsys):  # noqa: F811
+    """A node slower than the round timeout (a cold start under load) gets no second copy of its step:
+    the second attempt waits for the answer to the first, which is the local engine's run."""
+    grid, node_of = world.grid()
+    client = 2  # a participant of both rounds
+    node = node_of[client]
+    release_at: list[float] = []
+    push, pull = grid.push_messages, grid.pull_messages
+
+    def slow_push(sent):
+        sent = list(sent)
+        if not release_at and any(m.metadata.dst_node_id == node and m.metadata.message_type == kind for m in sent):
+            grid.silent.add(node)  # queued, answered once the node is back: past the first wait, within the second
+            release_at.append(time.monotonic() + 1.5 * STRICT.round_timeout)
+        return push(sent)
+
+    def slow_pull(ids):
+        if release_at and time.monotonic() >= release_at[0]:
+            grid.silent.discard(node)
+        return pull(ids)
+
+    grid.push_messages, grid.pull_messages = slow_push, slow_pull
+    outcome = execute_run(
+        world.workspace, world.data_root, settings_for("pfedmoap"), world.partition_path, run_id=f"slow-{kind}", progress=False,
+        runtime=FlowerGridRuntime(grid, STRICT),
+    )
+    assert outcome.finished
+    assert_same_run_files(outcome.paths, local_runs("pfedmoap"), rounds=2)
+    sent = [step_of(m)["round"] for m in messages(grid, kind) if step_of(m)["client_id"] == client]
+    assert sent == [0, 1], sent  # one message per round: the slow one was not sent twice
+    err = capsys.readouterr().err
+    assert f"round 0: waiting longer for {kind} of clients [{client}] (attempt 2)" in err
+    assert "sending" not in err
+
+
 def test_a_client_that_keeps_failing_stops_the_run_before_its_round_is_written(world, local_runs):  # noqa: F811
     settings = settings_for("pfedmoap")
     grid, node_of = world.grid()
@@ -121,9 +158,10 @@ def test_a_deployment_asks_a_node_again_that_did_not_answer_the_handshake(world)
     )
     assert outcome.finished
     queries = [m for m in grid.sent if m.metadata.message_type == "query" and m.metadata.dst_node_id == slow]
-    # asked while waiting for clients, at round 0's start (both unanswered) and at round 1's, answered
-    assert len(queries) == 3
-    # client 3 trains in round 1 (participants {2, 3}): it does, on the node that answered the second time
+    # asked once: the server waits for that question's answer (at round 0's start, then at round 1's,
+    # when it comes) instead of queueing more copies behind it for a node that is only slow
+    assert len(queries) == 1
+    # client 3 trains in round 1 (participants {2, 3}): it does, on the node that answered late
     trained = {step_of(m)["client_id"] for m in messages(grid, "train", 1)}
     assert 3 in trained
     rows = metric_rows(outcome.paths)

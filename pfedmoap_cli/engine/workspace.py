@@ -90,6 +90,11 @@ class RunPaths:
         return self.root / "evaluation.csv"
 
     @property
+    def flower_log(self) -> Path:
+        """Flower's own log of a simulation run (appended to by every start)."""
+        return self.root / "flower.log"
+
+    @property
     def clients_on_nodes(self) -> Path:
         """Present when the run's client states live on Flower SuperNodes, not in this folder."""
         return self.root / "clients-on-nodes.json"

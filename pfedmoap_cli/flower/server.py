@@ -25,7 +25,13 @@ holds the client:
 Flower node ids are not client ids: every node that appears is asked (a
 ``query`` message) which client it holds, and refused nodes are left out with
 their one-line reason logged on both sides; a node that did not answer the
-question is asked again in the next round.
+question yet is waited for again in the next round.
+
+A message is sent once and waited for until it is answered: a step or a
+question that timed out is not sent again (the node may only be slow, and a
+second copy would queue behind the first, so a slow start would grow into a
+backlog that is never worked off); only a message that came back with an
+error is sent anew.
 """
 
 from __future__ import annotations
@@ -85,6 +91,11 @@ class FlowerOptions:
     require_every_client: bool = False
 
 
+#: The server asks for the replies it waits for after the first of these
+#: pauses (seconds), doubling it up to the second.
+POLL_S = (0.02, 1.0)
+
+
 def error_summary(reason: str) -> str:
     """One line of a node's error reply.
 
@@ -126,53 +137,80 @@ class FlowerServer:
         self.recorder = RunRecorder(run.run_id, run.settings, partition, run.partition_sha256, paths)
         self.device = method.env.device
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
-        self.asked: set[int] = set()  # node ids that were asked which client they hold
+        self.asked: set[int] = set()  # node ids that answered (or refused) the question which client they hold
+        #: (node id, step key) -> id of the message sent and not answered yet
+        self.in_flight: dict[tuple[int, tuple], str] = {}
 
     # ---- messages ----------------------------------------------------------
     def _content(self, **records) -> RecordDict:
         return RecordDict({RUN_RECORD: json_config(run=self.run_info.to_json()), **records})
 
-    def _exchange(self, messages: dict[int, Message], timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
-        """Send each node its own message; the replies that arrived in time and why the others did not, by node id.
+    def _exchange(self, messages: dict[int, Message | None], timeout: float, key: tuple) -> tuple[dict[int, Message], dict[int, str]]:
+        """Hear from each node of ``messages``; the replies that arrived in time and why the others did not, by node id.
 
-        Replies are matched to what was sent by message id: an error about an
-        unreachable node comes from the SuperLink, not from that node.
+        ``key`` names the step (``("query",)``, ``("train", round)``, ...).
+        Each node gets its own message, unless one of the same step is still
+        in flight to it (its entry may then be ``None``): the wait goes on for
+        that one instead of queueing a second copy behind it. Replies are
+        matched to what was sent by message id: an error about an unreachable
+        node comes from the SuperLink, not from that node.
         """
         if not messages:
             return {}, {}
-        sent = list(messages.items())
-        replies = list(self.grid.send_and_receive([message for _, message in sent], timeout=timeout))
-        node_of_message = {message.metadata.message_id: node for node, message in sent if message.metadata.message_id}
-        answered: dict[int, Message] = {}
         problems: dict[int, str] = {}
-        for reply in replies:
-            node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            if reply.has_error():
-                problems[node] = f"error: {error_summary(reply.error.reason)}"
-                self.log(f"node {node} did not answer: {error_summary(reply.error.reason)}")
-                continue
-            refusal = reply.content.config_records.get(NODE_RECORD)
-            if refusal is not None and refusal.get("refused"):
-                problems[node] = f"refused: {refusal['refused']}"
-                self.log(f"node {node} (client {refusal.get('client_id')}) refused: {refusal['refused']}")
-                continue
-            answered[node] = reply
-        for node in messages:
-            if node not in answered and node not in problems:
-                problems[node] = f"no reply within {timeout:g} s"
-                self.log(f"node {node} did not answer within {timeout:g} s")
+        fresh = [(node, message) for node, message in messages.items() if (node, key) not in self.in_flight]
+        if fresh:
+            accepted = set(self.grid.push_messages([message for _, message in fresh]))
+            for node, message in fresh:
+                if message.metadata.message_id in accepted:
+                    self.in_flight[(node, key)] = message.metadata.message_id
+                else:
+                    problems[node] = "the message could not be sent"
+                    self.log(f"node {node}: the {key[0]} message could not be sent")
+        waiting = {self.in_flight[(node, key)]: node for node in messages if (node, key) in self.in_flight}
+        answered: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout
+        pause = POLL_S[0]
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                node = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                del self.in_flight[(node, key)]  # answered: a later step of this key is a new message
+                if reply.has_error():
+                    problems[node] = f"error: {error_summary(reply.error.reason)}"
+                    self.log(f"node {node} did not answer: {error_summary(reply.error.reason)}")
+                    continue
+                refusal = reply.content.config_records.get(NODE_RECORD)
+                if refusal is not None and refusal.get("refused"):
+                    problems[node] = f"refused: {refusal['refused']}"
+                    self.log(f"node {node} (client {refusal.get('client_id')}) refused: {refusal['refused']}")
+                    continue
+                answered[node] = reply
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 2, POLL_S[1])
+        for node in waiting.values():
+            problems[node] = f"no reply within {timeout:g} s"
+            self.log(f"node {node} did not answer within {timeout:g} s")
         return answered, problems
+
+    def forget_steps_before(self, round_index: int) -> None:
+        """Stop waiting for the unanswered steps of earlier rounds: their replies, if any come, are late."""
+        self.in_flight = {k: v for k, v in self.in_flight.items() if not (len(k[1]) > 1 and k[1][1] < round_index)}
 
     # ---- which node holds which client ---------------------------------------
     def discover(self) -> None:
         """Ask every new node which client it holds; forget nodes that left."""
         present = set(self.grid.get_node_ids())
         self.node_of = {c: n for c, n in self.node_of.items() if n in present}
+        self.in_flight = {k: v for k, v in self.in_flight.items() if k[0] in present}  # a node that left answers nothing
         new = sorted(present - self.asked)
         if not new:
             return
         queries = {node: Message(self._content(), dst_node_id=node, message_type=QUERY) for node in new}
-        answered, problems = self._exchange(queries, self.options.query_timeout)
+        answered, problems = self._exchange(queries, self.options.query_timeout, (QUERY,))
         # A refusal is final for that node process; no answer (an error, a
         # timeout) is not: such a node is asked again next time.
         self.asked.update(answered)
@@ -221,6 +259,7 @@ class FlowerServer:
         """One complete round, persisted; returns the new server state and a summary."""
         participants = sample_clients(self.num_clients, self.settings.frac, self.settings.seed, round_index)
         start_state = clone_state(server_state)
+        self.forget_steps_before(round_index)
         self.discover()
         results = self.train_round(round_index, start_state, participants) if self.method.trains else {}
         missing_train = sorted(set(participants) - set(results)) if self.method.trains else []
@@ -255,10 +294,19 @@ class FlowerServer:
         pending = [c for c in clients if c in self.node_of]
         replies: dict[int, Message] = {}
         why: dict[int, str] = {c: "no node holds it" for c in clients if c not in self.node_of}
+        key = (kind, round_index)
         for attempt in range(1 + max(self.options.retries, 0)):
             if attempt > 0:
-                self.log(f"round {round_index}: sending {kind} again to clients {pending} (attempt {attempt + 1})")
-            answered, problems = self._exchange({self.node_of[c]: build(c) for c in pending}, self.options.round_timeout)
+                resent = [c for c in pending if (self.node_of[c], key) not in self.in_flight]
+                still = [c for c in pending if c not in resent]
+                if resent:
+                    self.log(f"round {round_index}: sending {kind} again to clients {resent} (attempt {attempt + 1})")
+                if still:
+                    self.log(f"round {round_index}: waiting longer for {kind} of clients {still} (attempt {attempt + 1})")
+            answered, problems = self._exchange(
+                {self.node_of[c]: None if (self.node_of[c], key) in self.in_flight else build(c) for c in pending},
+                self.options.round_timeout, key,
+            )
             for client in pending:
                 node = self.node_of[client]
                 if node in answered:

@@ -8,12 +8,16 @@ engine writes (metrics, server and client checkpoints, progress).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 from pfedmoap_cli.engine.runner import RunJob, Trainer
 from pfedmoap_cli.engine.session import build_method, open_partition_dataset
+from pfedmoap_cli.errors import FederationError
 from pfedmoap_cli.flower import require_flower
 from pfedmoap_cli.flower.server import FlowerOptions
 
@@ -27,6 +31,40 @@ def simulation_options(round_timeout: float = FlowerOptions.round_timeout) -> Fl
     return FlowerOptions(
         round_timeout=round_timeout, query_timeout=min(FlowerOptions.query_timeout, round_timeout), retries=1, require_every_client=True
     )
+
+
+@contextlib.contextmanager
+def flower_log_to(path: Path, debug: bool = False) -> Iterator[None]:
+    """Flower's log goes to ``path`` (appended) while the simulation runs, and
+    to the screen only with ``debug``: its INFO lines and the remote
+    tracebacks of failed steps would bury the run's progress, but a run that
+    stalls or fails must leave them somewhere to read."""
+    logger = logging.getLogger("flwr")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s"))
+    screens = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+    before = (logger.level, [h.level for h in screens])
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler.setLevel(logger.level)
+    logger.addHandler(handler)
+    if not debug:
+        for screen in screens:
+            screen.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(before[0])
+        for screen, level in zip(screens, before[1]):
+            screen.setLevel(level)
+
+
+def with_log_hint(error: Exception, log: Path) -> Exception:
+    """A server's :class:`FederationError` with where Flower's log of the run is; other errors as they are."""
+    if isinstance(error, FederationError):
+        return FederationError(f"{error} (Flower's log: {log})")
+    return error
 
 
 @dataclass(frozen=True)
@@ -69,28 +107,33 @@ class FlowerSimulationRuntime:
             os.environ.setdefault("OMP_NUM_THREADS", str(max(int(self.cpus_per_client), 1)))
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             debug = bool(os.environ.get("PFEDMOAP_DEBUG"))
-            if not debug:
-                # Flower's own log (a deprecation notice, remote tracebacks) and the
-                # Ray workers' output would bury the run's progress; the server
-                # logs each failed step in one line. PFEDMOAP_DEBUG=1 shows it all.
-                logging.getLogger("flwr").setLevel(logging.CRITICAL)
             try:
-                run_simulation(
-                    server_app=server_app,
-                    client_app=make_client_app(defaults),
-                    num_supernodes=job.partition.num_clients,
-                    backend_config={
-                        "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(self.cpus_per_client)), "include_dashboard": False,
-                                      "log_to_driver": debug},
-                    },
-                )
-            except Exception:
+                with flower_log_to(job.paths.flower_log, debug):
+                    run_simulation(
+                        server_app=server_app,
+                        client_app=make_client_app(defaults),
+                        num_supernodes=job.partition.num_clients,
+                        backend_config={
+                            "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
+                            "init_args": {
+                                "num_cpus": max(os.cpu_count() or 1, int(self.cpus_per_client)),
+                                "include_dashboard": False,
+                                "log_to_driver": debug,
+                                # the virtual nodes talk over loopback only: no firewall or
+                                # closed network between Ray's own processes on this machine
+                                "_node_ip_address": "127.0.0.1",
+                            },
+                        },
+                    )
+            except Exception as error:
                 if failed:  # the server's own error (a FederationError names its fix), not Flower's wrapper
-                    raise failed[0] from None
-                raise
+                    raise with_log_hint(failed[0], job.paths.flower_log) from None
+                raise FederationError(
+                    f"Flower's simulation runtime failed ({str(error).strip() or type(error).__name__}); "
+                    f"its log is {job.paths.flower_log}; PFEDMOAP_DEBUG=1 shows it on the screen"
+                ) from error
             if failed:
-                raise failed[0]
+                raise with_log_hint(failed[0], job.paths.flower_log)
             return done[0] if done else 0
 
         return train
