@@ -284,6 +284,11 @@ def train(
     truncate_prompts: bool | None = None,
     eval_batch_size: int | None = None,
     num_workers: int | None = None,
+    image_pipeline: str | None = None,
+    batched: bool | None = None,
+    eval_every: int | None = None,
+    keep_rounds: str | int | None = None,
+    image_cache_mb: int | None = None,
     method_options: Mapping[str, Any] | None = None,
     config: PathLike | None = None,
     partition: str | None = None,
@@ -333,7 +338,8 @@ def train(
         method=method, rounds=rounds, local_epochs=local_epochs, frac=frac, batch_size=batch_size, seed=seed, lr=lr,
         n_ctx=n_ctx, ctx_init=ctx_init, backbone=backbone, pretrained=pretrained, backbone_seed=backbone_seed,
         device=device, amp=amp, truncate_prompts=truncate_prompts, eval_batch_size=eval_batch_size,
-        num_workers=num_workers, method_options=options or None,
+        num_workers=num_workers, image_pipeline=image_pipeline, batched=batched, eval_every=eval_every,
+        keep_rounds=None if keep_rounds is None else str(keep_rounds), image_cache_mb=image_cache_mb, method_options=options or None,
     )
     settings, partition_path = resolve_run(
         ws, flags, config=Path(config) if config is not None else None, partition=partition, run_id=run_id, resume=resume, device=device

@@ -76,6 +76,23 @@ def train(
     ] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", metavar="N", help="Batch size for evaluation and features (part of the run id: FedOTP's transport is solved per batch).")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Image-loading worker processes (0: in the main process).")] = None,
+    image_pipeline: Annotated[
+        Optional[str], typer.Option("--image-pipeline", metavar="tensor|pil", help="'tensor': training images decoded once, augmented as tensors; "
+                                    "'pil': decoded and augmented with PIL every epoch (runs made before 0.2). Part of the run id.")
+    ] = None,
+    batched: Annotated[
+        Optional[bool], typer.Option("--batched/--per-client", help="Train a round's clients in lock step as one batched computation "
+                                     "(methods that support it), or one after another. Equal within 1e-5; part of the run id.")
+    ] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="N", help="Score the clients every N rounds (the last round always).")] = None,
+    keep_rounds: Annotated[
+        Optional[str], typer.Option("--keep-rounds", metavar="auto|all|N", help="Checkpoints kept on disk: 'auto' (the last complete round, "
+                                    "all that resume needs), 'all', or the last N rounds. Not part of the run id.")
+    ] = None,
+    image_cache_mb: Annotated[
+        Optional[int], typer.Option("--image-cache-mb", metavar="MIB", help="Memory for decoded training images; the rest go to the "
+                                    "workspace's image cache on disk. Not part of the run id.")
+    ] = None,
     method_option: Annotated[
         Optional[list[str]], typer.Option("--method-option", metavar="KEY=VALUE", help="Method-specific KEY=VALUE; repeatable.")
     ] = None,
@@ -138,7 +155,8 @@ def train(
         method=method, rounds=rounds, local_epochs=local_epochs, frac=frac, batch_size=batch_size, seed=seed, lr=lr,
         n_ctx=n_ctx, ctx_init=ctx_init, backbone=backbone, pretrained=pretrained, backbone_seed=backbone_seed,
         device=device, amp=amp, truncate_prompts=truncate_prompts, eval_batch_size=eval_batch_size,
-        num_workers=num_workers, method_options=options or None,
+        num_workers=num_workers, image_pipeline=image_pipeline, batched=batched, eval_every=eval_every,
+        keep_rounds=keep_rounds, image_cache_mb=image_cache_mb, method_options=options or None,
     )
     settings, partition_path = resolve_run(ws, flags, config=config, partition=partition, run_id=run_id, resume=resume, device=device)
     if write_flower_app is not None:

@@ -42,6 +42,22 @@ class TrainSettings:
     amp: bool = True
     eval_batch_size: int = 256
     num_workers: int = 0
+    #: "tensor": training images decoded once and augmented as tensors;
+    #: "pil": decoded from file and augmented with PIL at every epoch (the
+    #: path of runs made before 0.2; other interpolation, so other numbers).
+    image_pipeline: str = "tensor"
+    #: The sampled clients of a round train in lock step as one batched
+    #: computation (methods that implement it); equal to client by client
+    #: within float rounding (1e-5 after a round), so part of the run id.
+    batched: bool = True
+    #: Score the clients every N rounds (the last round always).
+    eval_every: int = 1
+    #: Rounds whose checkpoints stay on disk: "auto" (what resume and the
+    #: final round need), "all", or a number N (the last N rounds).
+    keep_rounds: str = "auto"
+    #: Memory for decoded training images (MiB); the rest spill to the
+    #: workspace's image cache on disk.
+    image_cache_mb: int = 2048
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -57,7 +73,10 @@ class TrainSettings:
 # Nor is ``eval_batch_size``: FedOTP's transport stops on an error averaged
 # over the whole batch (as its authors' solver does), so a test image's score
 # depends on the batch it is solved in.
-_NOT_IN_RUN_ID = {"device"}
+_NOT_IN_RUN_ID = {"device", "keep_rounds", "image_cache_mb"}
+#: Settings recorded by runs made before a field existed take the value that
+#: reproduces what those runs did (not the new default).
+_BEFORE_FIELD = {"image_pipeline": "pil", "batched": False}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
 
 
@@ -79,6 +98,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "str":
             if value is None:
                 return ""
+            if name == "keep_rounds" and isinstance(value, int) and not isinstance(value, bool):
+                return str(value)  # keep_rounds = 3 in a TOML file
             if not isinstance(value, str):
                 raise ValueError
             return value
@@ -144,12 +165,28 @@ def validate_settings(settings: TrainSettings) -> TrainSettings:
         (settings.backbone_seed >= 0, "--backbone-seed must be non-negative"),
         (settings.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
         (settings.num_workers >= 0, "--workers must be 0 or more"),
+        (settings.image_pipeline in {"tensor", "pil"}, f"--image-pipeline must be tensor or pil, got {settings.image_pipeline!r}"),
+        (settings.eval_every >= 1, "--eval-every must be at least 1"),
+        (keep_rounds_count(settings.keep_rounds) != 0, f"--keep-rounds must be auto, all or a number >= 1, got {settings.keep_rounds!r}"),
+        (settings.image_cache_mb >= 0, "--image-cache-mb must be 0 or more"),
         (settings.device in {"auto", "cpu", "cuda"} or _cuda_index(settings.device), f"--device must be auto, cpu, cuda or cuda:N, got {settings.device!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     return settings
+
+
+def keep_rounds_count(keep_rounds: str) -> int | None:
+    """How many of the last rounds ``--keep-rounds`` keeps: None for "all",
+    1 for "auto" (the last complete round: resume and the final round need
+    only it), 0 for a value that is none of these."""
+    text = str(keep_rounds).strip().lower()
+    if text == "all":
+        return None
+    if text == "auto":
+        return 1
+    return int(text) if text.isdigit() and int(text) >= 1 else 0
 
 
 def _cuda_index(device: str) -> bool:
@@ -228,5 +265,9 @@ def default_run_id(settings: TrainSettings, dataset: str, partition_sha256: str)
 
 
 def settings_from_json(data: Mapping[str, Any]) -> TrainSettings:
-    """Rebuild settings saved in a run (unknown keys are an error, defaults fill gaps)."""
-    return merge_settings(TrainSettings(), data, "run.json")
+    """Rebuild settings saved in a run (unknown keys are an error, defaults fill gaps).
+
+    A field the run did not record yet takes the value that reproduces what
+    the run did (``_BEFORE_FIELD``), not today's default.
+    """
+    return merge_settings(TrainSettings(), {**_BEFORE_FIELD, **data}, "run.json")
