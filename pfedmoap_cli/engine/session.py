@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pfedmoap_cli.artifacts.partition import Partition, check_partition_matches_dataset
+from pfedmoap_cli.data.decoded_images import DecodedImageSettings, DecodedImageStore
 from pfedmoap_cli.data.sources import open_dataset
 from pfedmoap_cli.data.sources.base import DatasetSource, Sample
 from pfedmoap_cli.engine.settings import TrainSettings, backbone_spec
@@ -38,6 +39,8 @@ class Session:
     method: FederatedMethod
     test_features: torch.Tensor
     test_labels: torch.Tensor
+    #: The training images decoded once (``image_pipeline = "tensor"``; None for "pil").
+    train_images: DecodedImageStore | None = None
 
     @property
     def device(self) -> torch.device:
@@ -114,8 +117,20 @@ def build_method(settings: TrainSettings, partition: Partition, device: torch.de
     return clip, method_cls(env, options)
 
 
-def open_session(settings: TrainSettings, partition: Partition, partition_sha256: str, data_root: Path, features_cache: Path, progress: bool = True) -> Session:
-    """Assemble a :class:`Session`; raises user errors for anything misconfigured."""
+def open_session(
+    settings: TrainSettings,
+    partition: Partition,
+    partition_sha256: str,
+    data_root: Path,
+    features_cache: Path,
+    progress: bool = True,
+    images_cache: Path | None = None,
+) -> Session:
+    """Assemble a :class:`Session`; raises user errors for anything misconfigured.
+
+    ``images_cache``: the folder decoded training images spill to (default:
+    ``images`` beside ``features_cache``, i.e. ``<workspace>/cache/images``).
+    """
     method_cls = get_method(settings.method)
     method_options(method_cls, settings.method_options)  # option errors before the data is opened
     source = open_partition_dataset(partition, data_root)
@@ -134,4 +149,15 @@ def open_session(settings: TrainSettings, partition: Partition, partition_sha256
         tokens=method_cls.needs_local_tokens,
     ).to(clip.device)
     labels = torch.tensor([s.label for s in test_samples], dtype=torch.long, device=clip.device)
-    return Session(settings, partition, partition_sha256, source, train_samples, test_samples, clip, method, features, labels)
+    train_images = None
+    if settings.image_pipeline == "tensor":
+        # Once per session: every round and client of the run (and every node
+        # a process serves) shares the decoded images. Large images are kept
+        # at twice the model's input size (see decoded_images).
+        train_images = DecodedImageStore(
+            source,
+            train_samples,
+            Path(images_cache) if images_cache is not None else Path(features_cache).parent / "images",
+            DecodedImageSettings(memory_mb=settings.image_cache_mb, max_short_side=2 * clip.image_size),
+        )
+    return Session(settings, partition, partition_sha256, source, train_samples, test_samples, clip, method, features, labels, train_images)
