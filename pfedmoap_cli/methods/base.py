@@ -11,6 +11,9 @@ of hooks:
 * :meth:`FederatedMethod.train_client` -- one client's local update in a round.
   It reads only its download and the client's own state, so clients of a
   round may run in any order, in parallel, or on other machines;
+* :meth:`FederatedMethod.train_clients_batched` -- optional: the same updates
+  for all of a round's participants at once, in lock step (one batched
+  computation, equal to client by client within float rounding);
 * :meth:`FederatedMethod.aggregate` -- the server update from this round's results;
 * :meth:`FederatedMethod.personalize_client` -- optional: after aggregation, a
   client's personal state built on its own data from the NEW server state
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
@@ -89,7 +92,10 @@ class ClientJob:
         :meth:`FederatedMethod.client_download` of the round-start state.
     batches:
         One shuffled, augmented epoch of the client's training images per call
-        (the training transform), seeded per (seed, round, client).
+        (the training transform), seeded per (seed, round, client). Its random
+        draws come from the job's own streams, carried from epoch to epoch, so
+        several jobs' batches may be interleaved (lock-step rounds) without
+        changing any of them.
     plain_batches:
         The client's training images under the deterministic TEST transform,
         in a fixed order, without shuffling or augmentation: for methods that
@@ -200,6 +206,17 @@ class FederatedMethod(ABC):
     def train_client(self, job: ClientJob) -> ClientResult:
         """One client's local update; must not mutate ``job.server_state``."""
         raise NotImplementedError(f"method {self.name} does not train")
+
+    def train_clients_batched(self, jobs: Sequence[ClientJob]) -> list[ClientResult] | None:
+        """Train every job in lock step; results in the order of ``jobs``, equal to
+        ``[self.train_client(j) for j in jobs]`` within float rounding. None: this
+        method has no batched path (the engine then trains client by client).
+
+        Implementations stack the clients' trainable tensors (one row per job)
+        and train them with
+        :func:`pfedmoap_cli.engine.batched_round.run_local_epochs_batched`.
+        """
+        return None
 
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
         """New server state from the round-start state and this round's results."""

@@ -10,8 +10,11 @@ training settings).
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
+from pfedmoap_cli.engine.batched_round import run_local_epochs_batched
 from pfedmoap_cli.methods.base import (
     ClientEvaluator,
     ClientJob,
@@ -64,6 +67,42 @@ def train_prompt(method: FederatedMethod, job: ClientJob, start_ctx: torch.Tenso
     return ctx.detach(), loss
 
 
+def train_prompts_batched(
+    method: FederatedMethod,
+    jobs: Sequence[ClientJob],
+    start_ctxs: Sequence[torch.Tensor],
+    extra_losses: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    epochs: int | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """:func:`train_prompt` for every job at once, in lock step (one row of a stacked context per job).
+
+    ``start_ctxs[b]`` and ``extra_losses[b]`` (a regulariser of one context,
+    or None) belong to ``jobs[b]``. At each step the text encoder runs once on
+    the contexts of the clients that have a batch, ``(P, n_ctx, W) -> (P, C, D)``.
+    Returns each job's trained context (detached, its own storage) and last
+    epoch's mean loss, in the order of ``jobs``.
+    """
+    env = method.env
+    extras = list(extra_losses) if extra_losses is not None else [None] * len(jobs)
+    ctx = torch.nn.Parameter(torch.stack([c.detach().to(env.device, torch.float32) for c in start_ctxs]))
+
+    def loss_fn(positions: list[int], features: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+        active = ctx.index_select(0, torch.tensor(positions, device=ctx.device))
+        text = env.text_encoder(active)
+        losses = []
+        for row, (position, feats, y) in enumerate(zip(positions, features, labels)):
+            loss = cross_entropy(prompt_logits(feats, text[row], env.logit_scale), y)
+            extra = extras[position]
+            losses.append(loss + extra(active[row]) if extra is not None else loss)
+        return torch.stack(losses)
+
+    losses = run_local_epochs_batched(
+        jobs, [{"params": [ctx], "lr": env.training.lr, "cosine": True}], loss_fn, env.training, env.clip.encode_images, epochs
+    )
+    # Each context is cloned out of the stack: a view would carry (and checkpoint) every client's rows.
+    return [row.clone() for row in ctx.detach()], losses
+
+
 @register_method
 class CoOp(FederatedMethod):
     name = "coop"
@@ -79,6 +118,22 @@ class CoOp(FederatedMethod):
         start = job.client_state["ctx"] if job.client_state else self.initial_state()["init_ctx"]
         ctx, loss = train_prompt(self, job, start)
         return ClientResult(upload={}, client_state={"ctx": ctx}, num_examples=job.num_examples, train_loss=loss)
+
+    def train_clients_batched(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Every client's own prompt trained in lock step (see :func:`train_prompts_batched`)."""
+        initial = None
+        starts = []
+        for job in jobs:
+            if job.client_state:
+                starts.append(job.client_state["ctx"])
+            else:
+                initial = initial if initial is not None else self.initial_state()["init_ctx"]
+                starts.append(initial)
+        ctxs, losses = train_prompts_batched(self, jobs, starts)
+        return [
+            ClientResult(upload={}, client_state={"ctx": ctx}, num_examples=job.num_examples, train_loss=loss)
+            for job, ctx, loss in zip(jobs, ctxs, losses)
+        ]
 
     def evaluator(self, view: RoundView) -> ClientEvaluator:
         prompts = {cid: state["ctx"] for cid, state in view.client_states.items() if "ctx" in state}

@@ -26,7 +26,7 @@ State: server ``{"ctx_shared", "personal_init"}``; client ``{"personal"}``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ from pfedmoap_cli.methods.base import (
     State,
     register_method,
 )
-from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt
+from pfedmoap_cli.methods.coop import PerClientPromptEvaluator, train_prompt, train_prompts_batched
 from pfedmoap_cli.methods.local_training import weighted_average
 
 
@@ -91,16 +91,33 @@ class FedPer(FederatedMethod):
         """The client's whole context ``[shared ; personal]`` (n_ctx, W)."""
         return torch.cat([shared.to(personal.device), personal], dim=0)
 
-    def train_client(self, job: ClientJob) -> ClientResult:
+    def start_context(self, job: ClientJob, initial_personal: torch.Tensor | None = None) -> torch.Tensor:
+        """The context a participant starts from: the downloaded shared part and its own personal part."""
         shared = job.server_state["ctx_shared"]
-        personal = job.client_state["personal"] if job.client_state else self.initial_state()["personal_init"]
-        ctx, loss = train_prompt(self, job, self.full_context(shared, personal))
+        if job.client_state:
+            personal = job.client_state["personal"]
+        else:
+            personal = initial_personal if initial_personal is not None else self.initial_state()["personal_init"]
+        return self.full_context(shared, personal)
+
+    def result(self, job: ClientJob, ctx: torch.Tensor, loss: float) -> ClientResult:
+        """Upload the shared part of a trained context; keep the personal part."""
         return ClientResult(
             upload={"ctx_shared": ctx[: self.shared].clone()},
             client_state={"personal": ctx[self.shared :].clone()},
             num_examples=job.num_examples,
             train_loss=loss,
         )
+
+    def train_client(self, job: ClientJob) -> ClientResult:
+        ctx, loss = train_prompt(self, job, self.start_context(job))
+        return self.result(job, ctx, loss)
+
+    def train_clients_batched(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Every participant's ``[shared ; personal]`` context trained in lock step, split per client."""
+        initial = self.initial_state()["personal_init"] if any(not job.client_state for job in jobs) else None
+        ctxs, losses = train_prompts_batched(self, jobs, [self.start_context(job, initial) for job in jobs])
+        return [self.result(job, ctx, loss) for job, ctx, loss in zip(jobs, ctxs, losses)]
 
     # ---- evaluation -----------------------------------------------------
     def evaluator(self, view: RoundView) -> ClientEvaluator:

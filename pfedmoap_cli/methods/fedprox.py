@@ -26,13 +26,13 @@ State: server ``{"ctx"}``; clients keep nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.methods.base import ClientJob, ClientResult, register_method
-from pfedmoap_cli.methods.coop import train_prompt
+from pfedmoap_cli.methods.coop import train_prompt, train_prompts_batched
 from pfedmoap_cli.methods.promptfl import PromptFL
 
 
@@ -69,5 +69,15 @@ class FedProx(PromptFL):
         global_ctx = job.server_state["ctx"]
         ctx, loss = train_prompt(self, job, global_ctx, extra_loss=proximal_term(global_ctx, self.options.mu))
         return ClientResult(upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss)
+
+    def train_clients_batched(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Lock-step local updates, each with the proximal term towards its own download."""
+        anchors = [job.server_state["ctx"] for job in jobs]
+        extra = [proximal_term(anchor, self.options.mu) for anchor in anchors]
+        ctxs, losses = train_prompts_batched(self, jobs, anchors, extra_losses=extra)
+        return [
+            ClientResult(upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss)
+            for job, ctx, loss in zip(jobs, ctxs, losses)
+        ]
 
     # ---- server and evaluation: PromptFL's FedAvg and global prompt (inherited) ----

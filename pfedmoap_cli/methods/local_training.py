@@ -2,7 +2,9 @@
 
 SGD with momentum and coupled weight decay, a fresh optimiser for every
 client in every round, and a cosine schedule over the round's local epochs
-that restarts each round (PROTOCOL.md section 2).
+that restarts each round (PROTOCOL.md section 2). The same loop for all of a
+round's clients at once, in lock step, is
+:func:`pfedmoap_cli.engine.batched_round.run_local_epochs_batched`.
 """
 
 from __future__ import annotations

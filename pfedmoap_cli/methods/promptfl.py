@@ -10,7 +10,7 @@ Options: none.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from pfedmoap_cli.methods.base import (
     State,
     register_method,
 )
-from pfedmoap_cli.methods.coop import train_prompt
+from pfedmoap_cli.methods.coop import train_prompt, train_prompts_batched
 from pfedmoap_cli.methods.local_training import weighted_average
 from pfedmoap_cli.methods.zsclip import SharedTextEvaluator
 
@@ -38,6 +38,14 @@ class PromptFL(FederatedMethod):
     def train_client(self, job: ClientJob) -> ClientResult:
         ctx, loss = train_prompt(self, job, job.server_state["ctx"])
         return ClientResult(upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss)
+
+    def train_clients_batched(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Every participant's copy of the global context trained in lock step."""
+        ctxs, losses = train_prompts_batched(self, jobs, [job.server_state["ctx"] for job in jobs])
+        return [
+            ClientResult(upload={"ctx": ctx}, client_state={}, num_examples=job.num_examples, train_loss=loss)
+            for job, ctx, loss in zip(jobs, ctxs, losses)
+        ]
 
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
         if not results:
