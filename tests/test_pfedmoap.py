@@ -415,7 +415,7 @@ def run_id_of(stdout: str) -> str:
 
 def test_cli_train_partial_participation(cli, tmp_path):
     partition8(cli)
-    result = cli(*TRAIN)
+    result = cli(*TRAIN, "--keep-rounds", "all")  # every round is re-scored below
     assert result.exit_code == 0, result.stderr
     assert "3/3 rounds complete" in result.stdout
     run_id = run_id_of(result.stdout)
@@ -471,3 +471,116 @@ def test_cli_bad_gating_width_is_one_line(cli):
     message = one_line_error(cli("train", "--method", "pfedmoap", "--rounds", "1", "--n-ctx", "2",
                                  "--backbone", "tiny-vit", "--pretrained", "none", "--gating-dim", "128"))
     assert "gating_dim" in message and "--method-option" in message
+
+
+# ---- the exact savings: softmax layout, evaluation reusing the round's work -------------------
+def test_gating_attention_is_a_plain_softmax_over_experts():
+    """At a realistic size (102 classes, K+1 = 10 experts) in float32: the attention and T_MoE
+    equal a vectorised float64 computation written here, whatever memory layout the module uses."""
+    g = torch.Generator().manual_seed(21)
+    batch, classes, experts, dim, d_g, heads, sigma = 6, 102, 10, 64, 16, 4, 10.0
+    image = unit(torch.randn(batch, dim, generator=g))
+    expert_features = unit(torch.randn(experts, classes, dim, generator=g))
+    gating = GatingNetwork(dim, d_g, heads, scaling=sigma, generator=torch.Generator().manual_seed(2))
+    p = {name: t.detach().double() for name, t in gating.named_parameters()}
+    pooled_image, pooled_experts = image.double()[:, ::4], expert_features.double()[..., ::4]
+    q = (pooled_image @ p["W_q.weight"].T + p["W_q.bias"]).view(batch, heads, d_g // heads)
+    k = (pooled_experts @ p["W_k.weight"].T + p["W_k.bias"]).view(experts, classes, heads, d_g // heads)
+    v = (pooled_experts @ p["W_v.weight"].T + p["W_v.bias"]).view(experts, classes, heads, d_g // heads)
+    scores = sigma * (q[:, :, None, None, :] * k.permute(2, 1, 0, 3)[None]).sum(-1)  # (B, h, C, E)
+    weights = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    mixed = (weights[..., None] * v.permute(2, 1, 0, 3)[None]).sum(dim=3)  # (B, h, C, d_h)
+    moe_expected = mixed.permute(0, 2, 1, 3).reshape(batch, classes, d_g) @ p["W_o.weight"].T + p["W_o.bias"]
+    with torch.no_grad():
+        moe, attention = gating(image, expert_features)
+    assert attention.shape == (batch, heads, classes, experts)
+    torch.testing.assert_close(attention.double(), weights, rtol=0, atol=2e-6)
+    torch.testing.assert_close(moe.double(), moe_expected, rtol=0, atol=2e-5)
+
+
+def _trained_round(method, tiny, seed):
+    """One round for clients 0, 3, 4 of a five-client federation; returns the view evaluation sees."""
+    clip, _ = tiny
+    g = torch.Generator().manual_seed(seed)
+    pool = 0.02 * torch.randn(5, 2, 64, generator=g)
+    server = {"ctx": 0.02 * torch.randn(2, 64, generator=g), "pool": pool, "pool_mask": torch.tensor([True, True, True, False, True])}
+    images = torch.randn(4, 3, clip.image_size, clip.image_size, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+    participants = (0, 3, 4)
+    method.prepare_round(1, server, participants)
+    results = {
+        c: method.train_client(ClientJob(c, 1, method.client_download(server, c, 1), None, lambda: [(images, labels)], 4, torch.Generator()))
+        for c in participants
+    }
+    end = method.aggregate(server, results, 1)
+    states = {c: r.client_state for c, r in results.items()}
+    # client 2 sat out with a state of its own: scored with experts from the end-of-round pool
+    states[2] = {"ctx": pool[2].clone(), "expert_ids": torch.tensor([0]), **{f"gating.{k}": v for k, v in method.new_gating(2).state_dict().items()}}
+    return RoundView(1, frozenset(participants), server, end, states)
+
+
+def test_evaluation_encodes_no_prompt_the_round_already_encoded(tiny, monkeypatch):
+    clip, encoder = tiny
+    method = make_method(tiny, num_experts=2)
+    view = _trained_round(method, tiny, seed=3)
+    cached = {p.numpy().tobytes() for p in method._cache.prompts}
+    assert len(cached) == 3  # the participants' experts: pool entries 1, 2 and 4 (client 3 has none yet)
+    encoded: list[bytes] = []
+    plain_forward = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda ctx: encoded.extend(p.detach().numpy().tobytes() for p in ctx) or plain_forward(ctx))
+    evaluator = method.evaluator(view)
+    assert encoded, "the new local prompts must still be encoded"
+    assert not cached & set(encoded), "evaluation re-encoded an expert prompt of the round's cache"
+    assert len(encoded) == len(set(encoded)), "a prompt was encoded twice"
+    needed = set()  # every prompt evaluation needs: each client's own (or the global) prompt and its experts
+    for c in range(5):
+        download, state = method.evaluation_download(view, c), view.client_states.get(c)
+        needed.add((state["ctx"] if state else download["ctx"]).numpy().tobytes())
+        if state:
+            needed.update(p.numpy().tobytes() for p in download["experts"])
+    assert set(encoded) == needed - cached
+    # the same numbers as an evaluator that encodes everything itself
+    monkeypatch.undo()
+    fresh = make_method(tiny, num_experts=2).evaluator(view)
+    features = clip.encode_images(torch.randn(5, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(4)))
+    for c in range(5):
+        torch.testing.assert_close(evaluator.logits(c, features), fresh.logits(c, features), rtol=1e-5, atol=1e-5)
+        got, want = evaluator.extra_metrics(c, features), fresh.extra_metrics(c, features)
+        assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-6)
+
+
+def test_evaluation_runs_the_gating_once_per_batch(tiny, monkeypatch):
+    from pfedmoap_cli.engine.evaluation import score_client
+
+    clip, encoder = tiny
+    method = make_method(tiny, num_experts=2)
+    view = _trained_round(method, tiny, seed=5)
+    evaluator = method.evaluator(view)
+    g = torch.Generator().manual_seed(6)
+    features = clip.encode_images(torch.randn(7, 3, clip.image_size, clip.image_size, generator=g))
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    calls = []
+    plain_forward = GatingNetwork.forward
+    monkeypatch.setattr(GatingNetwork, "forward", lambda self, *args: calls.append(len(args[0])) or plain_forward(self, *args))
+    for client in (0, 2):  # a participant with experts, and a client that sat out
+        calls.clear()
+        score = score_client(evaluator, client, features, labels, batch_size=3)
+        assert calls == [3, 3, 1], "one gating forward per scored batch, none more for the attention metrics"
+        assert not evaluator._tallies  # the kept attention (and the images it holds) is released once used
+        # the attention metrics, computed separately here: mean over images, heads and classes of each expert's weight
+        plan = evaluator.plans[client]
+        with torch.no_grad():
+            _, attention = plain_forward(plan.gating, features, plan.expert_features)
+        expected = attention.double().mean(dim=(0, 1, 2)).tolist()
+        assert list(score.extra) == [f"attention_c{j:04d}" for j in plan.expert_ids]
+        assert list(score.extra.values()) == pytest.approx(expected, abs=1e-7)
+    # attention metrics asked for other images than logits saw (fewer, as many, more) are computed for those images
+    fresh = clip.encode_images(torch.randn(7, 3, clip.image_size, clip.image_size, generator=g))
+    for client in (0, 2):
+        for seen, other in ((features, features[:4]), (features, fresh), (features[:3], features)):
+            evaluator.logits(client, seen)
+            plan = evaluator.plans[client]
+            with torch.no_grad():
+                expected = plain_forward(plan.gating, other, plan.expert_features)[1].double().mean(dim=(0, 1, 2)).tolist()
+            assert list(evaluator.extra_metrics(client, other).values()) == pytest.approx(expected, abs=1e-7)

@@ -18,6 +18,12 @@ and a fresh optimiser per client and round, ``nearest`` selection that works
 (and is the default), a round-start pool snapshot, fp32 training, explicit
 rules for clients that sat a round out or never trained.
 
+Work shared exactly: one text-encoder pass per expert prompt per round
+(:meth:`PFedMoAP.prepare_round`), reused by the evaluation after the round;
+one gating pass per scored batch for both the logits and the attention
+metrics; and :meth:`PFedMoAP.train_clients_batched`, the round's
+participants trained in lock step (stacked prompts and gating networks).
+
 Options (``--method-option KEY=VALUE``)
 ---------------------------------------
 num_experts : int, default 9
@@ -54,11 +60,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from pfedmoap_cli.engine.batched_round import run_local_epochs_batched
 from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.methods.base import (
     ClientEvaluator,
@@ -71,7 +78,7 @@ from pfedmoap_cli.methods.base import (
     register_method,
 )
 from pfedmoap_cli.methods.local_training import cross_entropy, prompt_logits, run_local_epochs, weighted_average
-from pfedmoap_cli.model.gating import GatingNetwork, mixture_logits, pool_stride
+from pfedmoap_cli.model.gating import GatingNetwork, batched_gating, mixture_logits, pool_features, pool_stride
 from pfedmoap_cli.seeding import derive_seed, torch_generator
 
 SELECTIONS = ("nearest", "random")
@@ -218,6 +225,11 @@ class _ExpertCache:
     features: torch.Tensor  # (P, C, D), no grad
 
 
+def _prompt_key(prompt: torch.Tensor) -> bytes:
+    """An exact identity of a float32 prompt (its bytes): equal keys, equal text features."""
+    return prompt.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
 def _expert_ids(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64, device=device)
 
@@ -326,9 +338,87 @@ class PFedMoAP(FederatedMethod):
         client_state.update({GATING_PREFIX + k: v.detach().clone() for k, v in gating.state_dict().items()})
         return ClientResult(upload={"ctx": trained}, client_state=client_state, num_examples=job.num_examples, train_loss=loss)
 
+    def train_clients_batched(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """:meth:`train_client` for every job at once, in lock step; results in the order of ``jobs``.
+
+        Every participant's local prompt is one row of a stacked ``ctx``
+        (B, n_ctx, W) and every gating parameter one row of a stacked (B, ...)
+        tensor (:func:`~pfedmoap_cli.model.gating.batched_gating`). At each
+        step the text encoder runs once on the local prompts of the clients
+        that have a batch; each client's K experts come from the round's cache
+        (:meth:`expert_features`). Clients with fewer experts than the most
+        are padded with masked experts (attention weight exactly 0).
+
+        A client without experts trains its prompt alone, as in
+        :meth:`train_client`: its gating row is not used by its loss, and the
+        state it keeps is its gating as it came in.
+        """
+        env, opts = self.env, self.options
+        if not jobs:
+            return []
+        device = env.device
+        expert_ids = [[int(j) for j in job.server_state["expert_ids"].tolist()] for job in jobs]
+        experts = [self.expert_features(job.server_state, job.round_index) for job in jobs]
+        gatings = [self.client_gating(job.client_state, job.client_id) for job in jobs]
+        ctx = torch.nn.Parameter(torch.stack([job.server_state["ctx"].detach().to(device, torch.float32) for job in jobs]))
+        gating = {
+            name: torch.nn.Parameter(torch.stack([dict(g.named_parameters())[name].detach() for g in gatings]))
+            for name, _ in gatings[0].named_parameters()
+        }
+        # Each client's non-local experts padded to the most any client has; mask[b, e] marks real experts (local = 0).
+        most = max((len(e) for e in experts if e is not None), default=0)
+        shape = (env.text_encoder.num_classes, env.clip.embed_dim)
+        padded = torch.zeros(len(jobs), most, *shape, device=device)
+        mask = torch.zeros(len(jobs), 1 + most, dtype=torch.bool, device=device)
+        mask[:, 0] = True
+        for row, features in enumerate(experts):
+            if features is not None:
+                padded[row, : len(features)] = features.to(device)
+                mask[row, 1 : 1 + len(features)] = True
+
+        def loss_fn(positions: list[int], features: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+            active = torch.tensor(positions, device=device)
+            local = env.text_encoder(ctx.index_select(0, active))  # (P, C, D), one call for every client with a batch
+            images = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (P, B_max, D), zero rows are padding
+            logits = env.logit_scale * torch.bmm(images, local.transpose(1, 2))  # local logits (P, B_max, C)
+            mixed_rows = [r for r, b in enumerate(positions) if experts[b] is not None]
+            if mixed_rows:
+                rows = torch.tensor(mixed_rows, device=device)
+                clients = active.index_select(0, rows)
+                stack = torch.cat([local.index_select(0, rows).unsqueeze(1), padded.index_select(0, clients)], dim=1)
+                row_mask = mask.index_select(0, clients)
+                params = {name: p.index_select(0, clients) for name, p in gating.items()}
+                moe, _ = batched_gating(
+                    params, images.index_select(0, rows), stack, opts.gating_heads, opts.gating_scaling, None if bool(row_mask.all()) else row_mask
+                )
+                pooled = pool_features(images.index_select(0, rows), opts.gating_dim)
+                mixture = opts.lam * logits.index_select(0, rows) + env.logit_scale * torch.einsum("gbd,gbcd->gbc", pooled, moe)
+                logits = logits.index_copy(0, rows, mixture)
+            return torch.stack([cross_entropy(logits[r, : len(y)], y) for r, y in enumerate(labels)])
+
+        groups = [{"params": [ctx], "lr": env.training.lr, "cosine": True}]
+        if most > 0:
+            groups.append({"params": list(gating.values()), "lr": opts.gating_lr, "cosine": False})
+        losses = run_local_epochs_batched(jobs, groups, loss_fn, env.training, env.clip.encode_images)
+
+        results = []
+        for row, job in enumerate(jobs):
+            trained = ctx[row].detach().clone()  # its own storage: a view would carry every client's rows
+            state: State = {"ctx": trained, "expert_ids": _expert_ids(expert_ids[row], trained.device)}
+            if experts[row] is not None:
+                state.update({GATING_PREFIX + name: gating[name][row].detach().clone() for name in gatings[row].state_dict()})
+            else:
+                state.update({GATING_PREFIX + k: v.detach().clone() for k, v in gatings[row].state_dict().items()})
+            results.append(ClientResult(upload={"ctx": trained}, client_state=state, num_examples=job.num_examples, train_loss=losses[row]))
+        return results
+
     def aggregate(self, start_state: Mapping[str, torch.Tensor], results: Mapping[int, ClientResult], round_index: int) -> State:
-        """FedAvg of the prompts into the global one; participants' prompts into the pool."""
-        self._cache = None  # the round's local updates are over
+        """FedAvg of the prompts into the global one; participants' prompts into the pool.
+
+        The round's expert cache is kept until the next :meth:`prepare_round`:
+        the evaluation after this round scores the participants with the very
+        experts it holds.
+        """
         if not results:
             return dict(start_state)
         order = sorted(results)  # a fixed order keeps the float sum independent of scheduling
@@ -358,7 +448,20 @@ class PFedMoAP(FederatedMethod):
 
     def evaluator(self, view: RoundView) -> ClientEvaluator:
         clients = range(self.env.num_clients)
-        return MixtureEvaluator(self, {c: (self.evaluation_download(view, c), view.client_states.get(c)) for c in clients})
+        return MixtureEvaluator(self, {c: (self.evaluation_download(view, c), view.client_states.get(c)) for c in clients}, self.cached_features())
+
+    def cached_features(self) -> dict[bytes, torch.Tensor]:
+        """The expert cache's features by their prompt's bytes (empty without a cache).
+
+        A prompt's features depend only on the prompt (the class names and the
+        frozen encoder are fixed), so an exact byte match may be reused in any
+        later call; it saves evaluation re-encoding the experts the
+        participants trained with.
+        """
+        cache = self._cache
+        if cache is None:
+            return {}
+        return {_prompt_key(cache.prompts[row]): cache.features[row] for row in cache.rows.values()}
 
     def node_evaluator(self, round_index: int, client_id: int, download: Mapping[str, torch.Tensor], client_state: State | None) -> ClientEvaluator:
         return MixtureEvaluator(self, {client_id: (download, client_state)})
@@ -374,27 +477,65 @@ class _ClientPlan:
     gating: GatingNetwork | None
 
 
+@dataclass
+class _AttentionTally:
+    """The attention :meth:`MixtureEvaluator.logits` already computed for one client.
+
+    ``chunks`` are the image features it was computed on, in call order, and
+    ``total`` (E,) float64 the per-expert sum over those images of the mean
+    attention (over heads and classes).
+    """
+
+    chunks: list[torch.Tensor]
+    total: torch.Tensor
+
+    def covers(self, image_features: torch.Tensor) -> bool:
+        """Whether the chunks, one after the other, are exactly ``image_features``."""
+        if sum(len(chunk) for chunk in self.chunks) != len(image_features):
+            return False
+        offset = 0
+        for chunk in self.chunks:
+            if not torch.equal(chunk, image_features[offset : offset + len(chunk)]):
+                return False
+            offset += len(chunk)
+        return True
+
+
 class MixtureEvaluator(ClientEvaluator):
     """Scores clients from their evaluation downloads and their own states.
 
     A client with a prompt of its own is scored with it, its gating network and
     the experts of its download; a client that never trained, with the global
     prompt alone. Every distinct prompt needed is encoded once, in a few
-    batched text-encoder calls.
+    batched text-encoder calls, except those whose features ``known`` already
+    holds (by :func:`_prompt_key`: the round's expert cache).
+
+    The gating runs once per scored batch: :meth:`logits` keeps the attention
+    it computes, and :meth:`extra_metrics` reuses it when called on exactly
+    the images :meth:`logits` saw (as :func:`score_client` does).
     """
 
-    def __init__(self, method: PFedMoAP, clients: Mapping[int, tuple[Mapping[str, torch.Tensor], State | None]]) -> None:
+    def __init__(
+        self,
+        method: PFedMoAP,
+        clients: Mapping[int, tuple[Mapping[str, torch.Tensor], State | None]],
+        known: Mapping[bytes, torch.Tensor] | None = None,
+    ) -> None:
         env, opts = method.env, method.options
         self.lam, self.logit_scale = opts.lam, env.logit_scale
+        known = known or {}
         rows: dict[bytes, int] = {}
         prompts: list[torch.Tensor] = []
+        reused: dict[int, torch.Tensor] = {}  # row -> features already computed
 
         def need(prompt: torch.Tensor) -> int:
             prompt = prompt.to(env.device, torch.float32)
-            key = prompt.detach().cpu().numpy().tobytes()  # identical prompts are encoded once
+            key = _prompt_key(prompt)  # identical prompts are encoded once
             if key not in rows:
                 rows[key] = len(prompts)
                 prompts.append(prompt)
+                if key in known:
+                    reused[rows[key]] = known[key]
             return rows[key]
 
         wanted: dict[int, tuple[list[int], list[int], GatingNetwork | None]] = {}
@@ -407,28 +548,52 @@ class MixtureEvaluator(ClientEvaluator):
             gating = method.client_gating(state, client) if ids else None
             wanted[client] = ([need(state["ctx"]), *sources], [client, *ids], gating)
 
-        features = env.text_encoder.encode_many(torch.stack(prompts))
+        features = self._encode(env, prompts, reused)
         self.plans = {client: _ClientPlan(features[sources], ids, gating) for client, (sources, ids, gating) in wanted.items()}
+        self._tallies: dict[int, _AttentionTally] = {}
+
+    @staticmethod
+    def _encode(env: MethodEnv, prompts: list[torch.Tensor], reused: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Features (P, C, D) of ``prompts``: rows in ``reused`` as given, the others encoded in one batched pass."""
+        fresh = [row for row in range(len(prompts)) if row not in reused]
+        encoded = env.text_encoder.encode_many(torch.stack([prompts[row] for row in fresh])) if fresh else None
+        if not reused:
+            return encoded
+        features = torch.empty(len(prompts), env.text_encoder.num_classes, env.clip.embed_dim, device=env.device)
+        for row, value in reused.items():
+            features[row] = value.to(features.device)
+        if fresh:
+            features[fresh] = encoded.to(features.dtype)
+        return features
 
     def logits(self, client_id: int, image_features: torch.Tensor) -> torch.Tensor:
         plan = self.plans[client_id]
         with torch.no_grad():
-            logits, _ = mixture_logits(image_features, plan.expert_features, plan.gating, self.lam, self.logit_scale)
+            logits, attention = mixture_logits(image_features, plan.expert_features, plan.gating, self.lam, self.logit_scale)
+        if attention is not None:
+            tally = self._tallies.setdefault(client_id, _AttentionTally([], torch.zeros(len(plan.expert_ids), dtype=torch.float64, device=attention.device)))
+            tally.chunks.append(image_features)
+            tally.total += attention.to(torch.float64).mean(dim=(1, 2)).sum(dim=0)
         return logits
 
     def extra_metrics(self, client_id: int, image_features: torch.Tensor) -> dict[str, float]:
         """Mean attention weight each expert received (over heads, classes and test images).
 
         Keys are ``attention_c<client id>`` (local expert under the client's own
-        id); clients scored without experts report nothing.
+        id); clients scored without experts report nothing. Reuses the
+        attention :meth:`logits` computed on these very images, if it did.
         """
         plan = self.plans[client_id]
+        tally = self._tallies.pop(client_id, None)
         if plan.gating is None or len(image_features) == 0:
             return {}
-        total = torch.zeros(len(plan.expert_ids), dtype=torch.float64, device=image_features.device)
-        with torch.no_grad():
-            for start in range(0, len(image_features), EVAL_IMAGE_CHUNK):
-                _, attention = plan.gating(image_features[start : start + EVAL_IMAGE_CHUNK], plan.expert_features)
-                total += attention.to(torch.float64).mean(dim=(1, 2)).sum(dim=0)
+        if tally is not None and tally.covers(image_features):
+            total = tally.total
+        else:
+            total = torch.zeros(len(plan.expert_ids), dtype=torch.float64, device=image_features.device)
+            with torch.no_grad():
+                for start in range(0, len(image_features), EVAL_IMAGE_CHUNK):
+                    _, attention = plan.gating(image_features[start : start + EVAL_IMAGE_CHUNK], plan.expert_features)
+                    total += attention.to(torch.float64).mean(dim=(1, 2)).sum(dim=0)
         means = (total / len(image_features)).tolist()
         return {f"attention_c{expert:04d}": float(value) for expert, value in zip(plan.expert_ids, means)}

@@ -13,12 +13,15 @@ Learning for Vision-Language Models" (ICLR 2025). PROTOCOL.md section 2:
 * ``logits = lambda * s * I T_local^T + s * <pool(I_b), T_MoE[b, c]>``, and just
   the local logits (no lambda) when there are no non-local experts.
 
-All classes are handled at once (one einsum over classes, heads and experts).
+All classes are handled at once (batched matmuls over classes, heads and experts).
+:func:`batched_gating` is the same computation for G clients' networks at
+once (stacked parameters, batched matmuls); the module runs it with G = 1.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
@@ -105,16 +108,72 @@ class GatingNetwork(torch.nn.Module):
             ``T_MoE`` (B, C, d_g) and the attention weights (B, h, C, E), which
             sum to 1 over the last dimension.
         """
-        batch, (experts, classes) = image_features.shape[0], expert_features.shape[:2]
-        heads, head_dim = self.heads, self.dim // self.heads
-        query = self.W_q(self.pool(image_features)).view(batch, heads, head_dim)
-        pooled = self.pool(expert_features)
-        key = self.W_k(pooled).view(experts, classes, heads, head_dim)
-        value = self.W_v(pooled).view(experts, classes, heads, head_dim)
-        scores = torch.einsum("bhk,echk->bhce", query, key) * self.scaling
-        attention = scores.softmax(dim=-1)
-        mixed = torch.einsum("bhce,echk->bchk", attention, value).reshape(batch, classes, self.dim)
-        return self.W_o(mixed), attention
+        for features in (image_features, expert_features):
+            if features.shape[-1] != self.embed_dim:
+                raise ValueError(f"features of width {features.shape[-1]} given to a gating network built for D={self.embed_dim}")
+        # One group of one client: the same code path as the batched training, so the two cannot drift apart.
+        params = {name: tensor.unsqueeze(0) for name, tensor in self.named_parameters()}
+        moe, attention = batched_gating(params, image_features.unsqueeze(0), expert_features.unsqueeze(0), self.heads, self.scaling)
+        return moe[0], attention[0]
+
+
+def _linear(params: Mapping[str, torch.Tensor], layer: str, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` for a group of G layers: x (G, N, d_g), weights (G, d_g, d_g), biases (G, d_g)."""
+    return torch.baddbmm(params[f"{layer}.bias"].unsqueeze(1), x, params[f"{layer}.weight"].transpose(1, 2))
+
+
+def batched_gating(
+    params: Mapping[str, torch.Tensor],
+    image_features: torch.Tensor,
+    expert_features: torch.Tensor,
+    heads: int,
+    scaling: float,
+    expert_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`GatingNetwork.forward` for G gating networks at once, each on its own images and experts.
+
+    Parameters
+    ----------
+    params:
+        A :class:`GatingNetwork`'s parameter names (``W_q.weight``, ``W_q.bias``, ...)
+        mapped to G stacked copies: weights (G, d_g, d_g), biases (G, d_g).
+    image_features:
+        (G, B, D) normalised image features (group g is scored by network g).
+    expert_features:
+        (G, E, C, D) class features of each group's E experts, local first.
+    heads, scaling:
+        h and sigma, as in :class:`GatingNetwork`.
+    expert_mask:
+        Optional (G, E) bool; False marks padding experts (groups with fewer
+        experts than E), which get attention weight exactly 0.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        ``T_MoE`` (G, B, C, d_g) and the attention weights (G, B, h, C, E).
+    """
+    groups, batch = image_features.shape[:2]
+    experts, classes = expert_features.shape[1:3]
+    dim = params["W_q.weight"].shape[-1]
+    head_dim = dim // heads
+    # Layouts: per (group, class, head), keys (E, d_h) times queries (d_h, B) give
+    # the scores as (E, B) -- experts NOT innermost, since a softmax over a short
+    # (K+1) last dimension is several times slower than over a strided one -- and
+    # the transposed weights (B, E) times values (E, d_h) mix them. Both are plain
+    # batched matmuls (the transpose is a view), forward and backward.
+    query = _linear(params, "W_q", pool_features(image_features, dim)).view(groups, batch, heads, head_dim)
+    query = query.permute(0, 2, 3, 1).unsqueeze(1)  # (G, 1, h, d_h, B), broadcast over classes
+    pooled = pool_features(expert_features, dim).reshape(groups, experts * classes, dim)
+    key = _linear(params, "W_k", pooled).view(groups, experts, classes, heads, head_dim).permute(0, 2, 3, 1, 4)  # (G, C, h, E, d_h)
+    value = _linear(params, "W_v", pooled).view(groups, experts, classes, heads, head_dim).permute(0, 2, 3, 1, 4)
+    scores = torch.matmul(key, query) * scaling  # (G, C, h, E, B)
+    if expert_mask is not None:
+        scores = scores.masked_fill(~expert_mask.view(groups, 1, 1, experts, 1), float("-inf"))
+    attention = scores.softmax(dim=3)
+    mixed = torch.matmul(attention.transpose(-1, -2), value)  # (G, C, h, B, d_h)
+    mixed = mixed.permute(0, 3, 1, 2, 4).reshape(groups, batch * classes, dim)
+    moe = _linear(params, "W_o", mixed).view(groups, batch, classes, dim)
+    return moe, attention.permute(0, 4, 2, 1, 3)
 
 
 def mixture_logits(
