@@ -376,14 +376,18 @@ def evaluate(
 ) -> EvaluationResult:
     """Re-score a run's saved checkpoints into runs/<id>/evaluation.csv, as ``pfedmoap evaluate``.
 
-    Every complete round, or only ``round``. ``on_round`` is called with each
-    round's score as soon as it is computed. Every round is scored (its files
+    Every complete round whose checkpoints are still on disk (with
+    ``--keep-rounds auto``, the last one; ``all`` keeps every round), or only
+    ``round``: a round whose checkpoints ``--keep-rounds`` deleted is refused
+    in one line. ``on_round`` is called with each round's score as soon as it
+    is computed. Every round is scored (its files
     verified first) before anything is written, and the file is replaced
     whole: a failed evaluate leaves the previous evaluation.csv as it was.
     """
     from pfedmoap_cli.artifacts.metrics import format_metric_rows, write_metrics_text
     from pfedmoap_cli.artifacts.partition import load_partition
     from pfedmoap_cli.engine.federation import Federation
+    from pfedmoap_cli.engine.retention import rescorable_rounds
     from pfedmoap_cli.engine.run_record import completed_rounds, partition_path_of, read_run_record, run_settings
     from pfedmoap_cli.engine.session import open_session
     from pfedmoap_cli.engine.workspace import RunPaths, check_run_id
@@ -404,9 +408,11 @@ def evaluate(
     done = completed_rounds(paths, settings.rounds)
     if done == 0:
         raise ArtifactError(f"run {run} has no complete round yet; train it first ('pfedmoap train --resume --run-id {run}')")
-    rounds = list(range(done)) if round is None else [round]
-    if any(r < 0 or r >= done for r in rounds):
+    if round is not None and not 0 <= round < done:
         raise ConfigError(f"--round must be between 0 and {done - 1} for run {run}")
+    rounds = rescorable_rounds(paths, done) if round is None else [round]
+    if not rounds:
+        raise ArtifactError(f"run {run} has no round whose checkpoints are all on disk; train with --keep-rounds all to keep every round")
     partition_path = partition_path_of(record, ws.root)
     chosen, sha = load_partition(partition_path)
     if sha != record["partition_sha256"]:

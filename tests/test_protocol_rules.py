@@ -234,7 +234,7 @@ def session_of(world, method: str, **changes):
     workspace, partition, sha = world
     settings = TrainSettings(
         method=method, rounds=2, local_epochs=1, frac=0.5, batch_size=8, n_ctx=2, lr=0.05, seed=5,
-        backbone="tiny-vit", pretrained="none", device="cpu", **changes,
+        backbone="tiny-vit", pretrained="none", device="cpu", **{"keep_rounds": "all", **changes},  # earlier rounds are read back
     )
     return open_session(settings, partition, sha, Path("unused"), workspace.features_cache_dir, progress=False)
 

@@ -30,11 +30,12 @@ STOP = 2  # the interrupted runs stop after this many rounds
 
 
 def settings_for(method: str = "fedper", seed: int = 1) -> TrainSettings:
-    # FedPer keeps a personal state per client, so rounds have client checkpoints.
+    # FedPer keeps a personal state per client, so rounds have client checkpoints;
+    # every round's are kept, so damage to an earlier round can be made and found.
     return validate_settings(
         TrainSettings(
             method=method, rounds=ROUNDS, local_epochs=1, frac=1.0, batch_size=4, n_ctx=2, lr=0.05, seed=seed,
-            backbone="tiny-vit", pretrained="none", device="cpu", amp=False, eval_batch_size=64,
+            backbone="tiny-vit", pretrained="none", device="cpu", amp=False, eval_batch_size=64, keep_rounds="all",
         )
     )
 

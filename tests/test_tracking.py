@@ -50,6 +50,7 @@ ROUNDS = 3
 SETTINGS = TrainSettings(
     method="pfedmoap", rounds=ROUNDS, local_epochs=1, frac=0.5, batch_size=16, n_ctx=2, backbone="tiny-vit", pretrained="none",
     device="cpu", method_options={"num_experts": 2, "gating_dim": 16, "gating_heads": 2},
+    keep_rounds="all",  # a fallback to round 1 needs its checkpoints ("auto" keeps the last round's only)
 )
 
 

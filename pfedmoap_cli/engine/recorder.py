@@ -8,16 +8,19 @@ whichever runtime wrote them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
 from pfedmoap_cli.artifacts.checkpoint import CheckpointIdentity, load_checkpoint, save_checkpoint
-from pfedmoap_cli.artifacts.manifest import RoundManifest, verify_round, write_round_manifest
+from pfedmoap_cli.artifacts.atomic import sha256_file
+from pfedmoap_cli.artifacts.manifest import RoundManifest, read_round_manifest, verify_round, write_round_manifest
 from pfedmoap_cli.artifacts.metrics import MetricRow, format_metric_rows
 from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.engine.evaluation import ClientScore
-from pfedmoap_cli.engine.settings import TrainSettings
+from pfedmoap_cli.engine.retention import prune_rounds
+from pfedmoap_cli.engine.settings import TrainSettings, keep_rounds_count
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import ArtifactError
 from pfedmoap_cli.methods.base import ClientResult, State
@@ -26,14 +29,6 @@ from pfedmoap_cli.methods.base import ClientResult, State
 #: split "train" for a participant whose update never arrived, "test" for a
 #: client that could not be scored.
 MISSING_METRIC = "missing"
-
-
-def _client_of(path) -> int:
-    """The client id in a ``client-NNNN.safetensors`` name."""
-    try:
-        return int(path.stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        raise ArtifactError(f"{path} is not a client checkpoint name (client-NNNN.safetensors); remove it") from None
 
 
 def to_device(state: Mapping[str, torch.Tensor], device: torch.device | str) -> State:
@@ -125,11 +120,23 @@ class RunRecorder:
         return to_device(tensors, device)
 
     def load_client_states(self, round_index: int, device: torch.device | str) -> dict[int, State]:
-        """Every client checkpoint of a round, by client id (each file's metadata checked against its name)."""
+        """Every client's state after a complete round, by client id, found through the round's manifest.
+
+        A client's state lies in the folder of the round that last wrote it;
+        each file is checked against the hash the manifest recorded and its
+        metadata against that round and client.
+        """
+        manifest = read_round_manifest(self.paths.round_dir(round_index))
         clients: dict[int, State] = {}
-        for path in sorted(self.paths.round_dir(round_index).glob("client-*.safetensors")):
-            client_id = _client_of(path)
-            tensors, _ = load_checkpoint(path, self.identity(round_index, str(client_id)))
+        for client_id, ref in sorted(manifest.client_states.items()):
+            path = self.paths.root / "checkpoints" / ref.file
+            if not path.is_file() or sha256_file(path) != ref.sha256:
+                why = "is missing" if not path.is_file() else f"changed since round {ref.round} was written"
+                raise ArtifactError(
+                    f"checkpoint {path} (client {client_id}'s state in round {round_index}) {why}; "
+                    f"resume the run with 'pfedmoap train --resume --run-id {self.run_id}' (it trains again from the last round whose files verify)"
+                )
+            tensors, _ = load_checkpoint(path, self.identity(ref.round, str(client_id)))
             clients[client_id] = to_device(tensors, device)
         return clients
 
@@ -146,13 +153,33 @@ class RunRecorder:
         return to_device(tensors, device)
 
     # ---- manifests -------------------------------------------------------
-    def write_manifest(self, round_index: int, rows: Iterable[MetricRow]) -> RoundManifest:
-        """Seal a round: hash its checkpoint files and keep its metric rows (after both are written)."""
-        return write_round_manifest(self.paths.round_dir(round_index), self.run_id, round_index, self.settings.method, format_metric_rows(rows))
+    @property
+    def keep_rounds(self) -> int | None:
+        """How many of the last rounds keep their checkpoints (None: all), per ``--keep-rounds``."""
+        return keep_rounds_count(self.settings.keep_rounds)
 
-    def verify_round(self, round_index: int) -> RoundManifest:
-        """The round's manifest, after checking every file of the round folder against it."""
-        return verify_round(self.paths.round_dir(round_index), self.run_id, round_index, self.settings.method)
+    def write_manifest(self, round_index: int, rows: Iterable[MetricRow]) -> RoundManifest:
+        """Seal a round: hash its checkpoint files and keep its metric rows (after both are written).
+
+        Clients without a file in the round keep the state the previous
+        round's manifest points to.
+        """
+        previous = read_round_manifest(self.paths.round_dir(round_index - 1)) if round_index > 0 else None
+        return write_round_manifest(
+            self.paths.round_dir(round_index), self.run_id, round_index, self.settings.method, format_metric_rows(rows),
+            previous, self.keep_rounds,
+        )
+
+    def prune(self, completed: int) -> list[Path]:
+        """Delete the checkpoints ``--keep-rounds`` no longer keeps; call after ``completed`` rounds are marked complete."""
+        return prune_rounds(self.paths, completed, self.keep_rounds)
+
+    def verify_round(self, round_index: int, complete: bool = True) -> RoundManifest:
+        """The round's manifest, after checking every file of the round folder against it.
+
+        ``complete=False``: files ``--keep-rounds`` deleted may be absent.
+        """
+        return verify_round(self.paths.round_dir(round_index), self.run_id, round_index, self.settings.method, complete)
 
     def latest_client_state(self, client_id: int, before_round: int, device: torch.device | str) -> State | None:
         """The client's newest checkpoint of a round before ``before_round`` (None if none).

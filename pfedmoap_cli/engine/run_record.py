@@ -14,8 +14,17 @@ from typing import Any, Callable
 
 from pfedmoap_cli import __version__
 from pfedmoap_cli.artifacts.atomic import atomic_write_text, sha256_json
-from pfedmoap_cli.artifacts.manifest import MANIFEST_NAME, RoundProblem, is_temp_file, verify_round
+from pfedmoap_cli.artifacts.manifest import (
+    MANIFEST_NAME,
+    RoundManifest,
+    RoundProblem,
+    is_temp_file,
+    read_round_manifest,
+    verify_client_states,
+    verify_round,
+)
 from pfedmoap_cli.artifacts.metrics import METRIC_COLUMNS, METRICS_HEADER, write_metrics_text
+from pfedmoap_cli.engine.retention import prune_rounds, whole_from
 from pfedmoap_cli.engine.settings import TrainSettings, backbone_spec, settings_from_json
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import ArtifactError
@@ -182,7 +191,11 @@ class VerifiedRounds:
 
     count: int
     rows: tuple[str, ...]  # each verified round's metrics.csv lines, in round order
-    problem: RoundProblem | None  # why round ``count`` does not verify (None: its folder is absent)
+    problem: RoundProblem | None  # why round ``problem_round`` does not verify (None: round ``count``'s folder is absent)
+    manifests: tuple[RoundManifest, ...] = ()  # the verified rounds' manifests, in round order
+    #: The round ``problem`` is about: ``count``, or a later one when the
+    #: rounds in between lack checkpoints --keep-rounds deleted.
+    problem_round: int | None = None
 
 
 def round_folders(paths: RunPaths) -> dict[int, Path]:
@@ -195,18 +208,60 @@ def round_folders(paths: RunPaths) -> dict[int, Path]:
     return found
 
 
-def verified_rounds(paths: RunPaths, run_id: str, method: str, total_rounds: int) -> VerifiedRounds:
-    """Check round folders in order and stop at the first that is absent or does not verify."""
-    rows: list[str] = []
+def _read_manifests(paths: RunPaths, run_id: str, method: str, total_rounds: int) -> tuple[list[RoundManifest], RoundProblem | None]:
+    """The manifests of rounds 0, 1, ... up to the first round folder that is absent or whose manifest is bad."""
+    manifests: list[RoundManifest] = []
     for round_index in range(total_rounds):
         folder = paths.round_dir(round_index)
         if not folder.is_dir():
-            return VerifiedRounds(round_index, tuple(rows), None)
+            return manifests, None
         try:
-            rows.append(verify_round(folder, run_id, round_index, method).metrics)
+            manifests.append(read_round_manifest(folder))
         except RoundProblem as problem:
-            return VerifiedRounds(round_index, tuple(rows), problem)
-    return VerifiedRounds(total_rounds, tuple(rows), None)
+            return manifests, problem
+    return manifests, None
+
+
+def _has_server_state(paths: RunPaths, manifest: RoundManifest) -> None:
+    """Raise :class:`RoundProblem` when a round's server checkpoint is gone (a verified file is never half there)."""
+    path = paths.global_checkpoint(manifest.round)
+    if "global.safetensors" in manifest.files and not path.is_file():
+        raise RoundProblem(f"checkpoint {path} is missing (round {manifest.round}'s manifest lists it)", "global.safetensors is missing")
+
+
+def verified_rounds(paths: RunPaths, run_id: str, method: str, total_rounds: int) -> VerifiedRounds:
+    """Check round folders in order; count rounds up to the last one a run can continue from.
+
+    Every round's manifest must verify, and so must the files still in its
+    folder. Rounds no ``--keep-rounds`` deletion can have touched
+    (:func:`~pfedmoap_cli.engine.retention.whole_from`; every round when all
+    are kept) must have all their files: the first that does not ends the
+    count. The last counted round must hold a whole checkpoint set: its
+    server state and every client state its manifest points to (in whichever
+    round's folder), each with its recorded hash; if not, the count falls back
+    to the latest round that does (with "auto", usually none but the last).
+    """
+    read, problem = _read_manifests(paths, run_id, method, total_rounds)
+    problem_round = len(read) if problem is not None else None
+    whole = whole_from(read)
+    manifests: list[RoundManifest] = []
+    for manifest in read:
+        try:
+            manifests.append(verify_round(paths.round_dir(manifest.round), run_id, manifest.round, method, complete=manifest.round >= whole))
+        except RoundProblem as found:
+            problem, problem_round = found, manifest.round
+            break
+    hashes: dict[Path, str] = {}
+    while manifests:
+        try:
+            _has_server_state(paths, manifests[-1])
+            verify_client_states(paths.root / "checkpoints", manifests[-1], hashes)
+            break
+        except RoundProblem as found:
+            if problem is None:  # the first problem is the cause; the rounds before lack what was deleted
+                problem, problem_round = found, manifests[-1].round
+            manifests.pop()
+    return VerifiedRounds(len(manifests), tuple(m.metrics for m in manifests), problem, tuple(manifests), problem_round)
 
 
 def _refuse_old_run(paths: RunPaths, run_id: str, claimed: int | None) -> None:
@@ -280,7 +335,7 @@ def metrics_problem(paths: RunPaths) -> str | None:
     check = verified_rounds(paths, record["run_id"], settings.method, claimed)
     if check.count < claimed:
         why = check.problem.short if check.problem else "its folder is missing"
-        return f"round {check.count} does not verify ({why})"
+        return f"round {check.count if check.problem_round is None else check.problem_round} does not verify ({why})"
     problem = _metrics_disagreement(paths, check.rows, allow_later_rounds=False)
     return f"metrics.csv {problem}" if problem else None
 
@@ -320,7 +375,7 @@ def prepare_resume(paths: RunPaths, run_id: str, method: str, total_rounds: int,
     done = check.count
     after = f"resuming after round {done - 1}" if done else "starting again from round 0"
     if check.problem is not None:
-        say(f"{after}: round {done}'s files do not verify ({check.problem.short}); rounds from {done} are trained again")
+        say(f"{after}: round {check.problem_round}'s files do not verify ({check.problem.short}); rounds from {done} are trained again")
     elif invalid:
         say(f"{after}: progress.json of run {run_id} is invalid ({invalid}); rebuilt it from the {done} round(s) that verify")
     elif claimed is not None and claimed > done:
@@ -340,4 +395,7 @@ def prepare_resume(paths: RunPaths, run_id: str, method: str, total_rounds: int,
         paths.progress_json.unlink(missing_ok=True)
     elif claimed != done:
         mark_round_complete(paths, done, total_rounds)
+    if done:
+        # Finishes deletions a kill interrupted (with the count the last round was written with).
+        prune_rounds(paths, done, check.manifests[-1].keep_rounds)
     return done

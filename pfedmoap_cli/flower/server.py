@@ -16,7 +16,9 @@ holds the client:
    clients that answered);
 4. every client's node gets an ``evaluate`` message with the method's
    evaluation download, personalises (methods that do) and scores the client
-   on its own test set, where its state is;
+   on its own test set, where its state is (in the rounds ``--eval-every``
+   picks; methods that personalise take the step every round, and the scores
+   of the other rounds are not recorded);
 5. the server writes the metric rows, its checkpoint, the round's manifest
    and the round marker, so
    ``report``, ``evaluate`` and ``--resume`` read the run like any other; a
@@ -51,6 +53,7 @@ from pfedmoap_cli.engine.evaluation import ClientScore
 from pfedmoap_cli.engine.federation import RoundSummary, clone_state
 from pfedmoap_cli.engine.recorder import RunRecorder
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
+from pfedmoap_cli.engine.schedule import is_evaluated_round
 from pfedmoap_cli.engine.workspace import RunPaths
 from pfedmoap_cli.errors import FederationError
 from pfedmoap_cli.flower.protocol import (
@@ -250,7 +253,8 @@ class FlowerServer:
         rounds = tqdm(range(done, end), desc=f"{self.settings.method} rounds (flower)", disable=not self.progress, initial=done, total=total)
         for round_index in rounds:
             server_state, summary = self.run_round(round_index, server_state)
-            rounds.set_postfix(acc=f"{summary.mean_accuracy:.3f}")
+            if summary.mean_accuracy == summary.mean_accuracy:  # NaN: a round --eval-every skipped
+                rounds.set_postfix(acc=f"{summary.mean_accuracy:.3f}")
             if on_round is not None:
                 on_round(summary)
         return max(done, end)
@@ -265,19 +269,40 @@ class FlowerServer:
         missing_train = sorted(set(participants) - set(results)) if self.method.trains else []
         new_state = self.method.aggregate(start_state, results, round_index) if results else start_state
         view = RoundView(round_index, frozenset(results), start_state, new_state, {})
-        scores = self.evaluate_round(view, trained=set(results))
-        missing_test = sorted(set(range(self.num_clients)) - {s.client_id for s in scores})
+        evaluated = is_evaluated_round(round_index, self.settings.rounds, self.settings.eval_every)
+        # Nodes personalise in their evaluate step: methods that personalise every
+        # round still take it in rounds --eval-every skips; their scores are dropped.
+        scores = self.evaluate_round(view, trained=set(results)) if evaluated or self.method.personalizes else []
+        scores = scores if evaluated else []
+        missing_test = sorted(set(range(self.num_clients)) - {s.client_id for s in scores}) if evaluated else []
         if missing_train or missing_test:
             self.log(f"round {round_index}: missing in training {missing_train}, in evaluation {missing_test}")
         rows = self.recorder.metric_rows(round_index, scores, results, missing_train, missing_test)
         append_metrics(self.paths.metrics_csv, rows)
+        self.drop_unchanged_client_copies(round_index, trained=set(results))
         self.recorder.save_server_state(round_index, new_state)
         # Seals whatever checkpoints are in the server's round folder: its own,
         # and in a simulation the nodes' (a deployment's stay on the nodes).
         self.recorder.write_manifest(round_index, rows)
         mark_round_complete(self.paths, round_index + 1, self.settings.rounds)
-        mean = sum(s.accuracy for s in scores) / max(len(scores), 1)
+        self.recorder.prune(round_index + 1)  # only once the round is complete
+        mean = sum(s.accuracy for s in scores) / len(scores) if scores else float("nan")
         return new_state, RoundSummary(round_index, tuple(participants), mean)
+
+    def drop_unchanged_client_copies(self, round_index: int, trained: set[int]) -> None:
+        """Remove the copies nodes saved in this round's folder of states that did not change in it.
+
+        A node saves its client's state after every evaluate step; unless the
+        method personalises every round, the state of a client that did not
+        train is the one an earlier round wrote, which the manifest points to.
+        The round then holds what changed in it, as the in-process engine
+        writes it. (In a deployment the nodes' files are not in this folder.)
+        """
+        if self.method.personalizes:
+            return
+        for client in range(self.num_clients):
+            if client not in trained:
+                self.paths.client_checkpoint(round_index, client).unlink(missing_ok=True)
 
     def _step_message(self, client: int, kind: str, round_index: int, download: ArrayRecord, **extra) -> Message:
         content = self._content(**{ROUND_RECORD: json_config(round=round_index, client_id=client, **extra), DOWNLOAD_RECORD: download})

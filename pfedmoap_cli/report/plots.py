@@ -1,7 +1,8 @@
 """PNG figures of a paper table's finished runs (matplotlib, an optional extra).
 
-* ``<table>_rounds.png``: mean client accuracy per round per method (mean over
-  seeds, band = min..max over seeds), one panel per dataset;
+* ``<table>_rounds.png``: mean client accuracy per evaluated round per method
+  (mean over seeds, band = min..max over seeds), one panel per dataset; runs
+  trained with ``--eval-every N`` have a point every N rounds and at the end;
 * ``<table>_clients.png``: the distribution of last-round per-client accuracy
   per method (box plot over clients x seeds), one panel per dataset;
 * ``<table>_attention_<dataset>_<row>.png``: for pFedMoAP rows, the mean
@@ -108,7 +109,7 @@ def plot_rounds(report: TableReport, out: Path) -> Path | None:
                 continue
             mean = curves.mean(axis=1)
             label = row.label
-            if len(mean) == 1:  # a method that does not train: one evaluation, drawn as a level
+            if len(mean) == 1 and int(mean.index[0]) == 0:  # a method that does not train: one evaluation, drawn as a level
                 ax.plot([1, last], [float(mean.iloc[0])] * 2, linestyle="--", linewidth=1.2, label=label, color=colour)
                 continue
             ax.plot(mean.index + 1, mean.values, marker="o", markersize=3, label=label, color=colour)

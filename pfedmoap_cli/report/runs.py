@@ -59,8 +59,9 @@ def summarize_metrics(metrics: pd.DataFrame) -> RunSummary:
     """Summarise one run's metrics (PROTOCOL.md section 4).
 
     The headline is the unweighted mean over clients of the last round; the
-    mean of the per-round means over the last 5 rounds is kept too. No round
-    is ever selected by its test accuracy.
+    mean of the per-round means over the last 5 evaluated rounds (rounds with
+    test rows: with ``--eval-every N`` every N-th round and the last) is kept
+    too. No round is ever selected by its test accuracy.
     """
     acc = metrics[(metrics["split"] == "test") & (metrics["metric"] == "accuracy")]
     if acc.empty:
@@ -126,7 +127,9 @@ def read_metrics_checked(path: Path) -> pd.DataFrame:
     return frame
 
 
-def incomplete_reason(frame: pd.DataFrame, completed_rounds: int | None, num_clients: int | None) -> str | None:
+def incomplete_reason(
+    frame: pd.DataFrame, completed_rounds: int | None, num_clients: int | None, evaluated: Callable[[int], bool] | None = None
+) -> str | None:
     """Why a run's rows do not cover every client of every complete round, or ``None`` when they do.
 
     Parameters
@@ -140,10 +143,13 @@ def incomplete_reason(frame: pd.DataFrame, completed_rounds: int | None, num_cli
     num_clients:
         Clients of the run's partition; ``None`` when unknown, then every
         round must have the same clients as the others.
+    evaluated:
+        Which complete rounds scored their clients (``--eval-every``); the
+        others have no test rows. ``None``: every round.
 
     Notes
     -----
-    In a complete round each client has exactly one test ``accuracy`` row or
+    In a complete evaluated round each client has exactly one test ``accuracy`` row or
     a test ``missing`` row (a client that could not be scored is recorded as
     such). Anything less would make the round's mean one over fewer clients.
     """
@@ -153,6 +159,8 @@ def incomplete_reason(frame: pd.DataFrame, completed_rounds: int | None, num_cli
     accuracy = test[test["metric"] == "accuracy"]
     missing = test[test["metric"] == MISSING_METRIC]
     rounds = range(completed_rounds) if completed_rounds is not None else sorted(set(accuracy["round"]) | set(missing["round"]))
+    if evaluated is not None:
+        rounds = [r for r in rounds if evaluated(r)]
     twice = accuracy.duplicated(["round", "client_id"])
     if twice.any():
         row = accuracy[twice].iloc[0]
@@ -195,6 +203,21 @@ def run_num_clients(run_dir: Path) -> int | None:
         return None
 
 
+def run_evaluated_rounds(run_dir: Path) -> Callable[[int], bool] | None:
+    """Which rounds of the run score their clients, from run.json's settings (None when it cannot be read: then every round)."""
+    from pfedmoap_cli.engine.schedule import is_evaluated_round
+
+    record = _run_record(run_dir)
+    settings = record.get("settings") if record is not None else None
+    if not isinstance(settings, dict) or not isinstance(settings.get("rounds"), int):
+        return None
+    every = settings.get("eval_every", 1)  # runs of versions before --eval-every scored every round
+    if not isinstance(every, int) or every < 1:
+        return None
+    total = settings["rounds"]
+    return lambda round_index: is_evaluated_round(round_index, total, every)
+
+
 def run_completed_rounds(run_dir: Path) -> int:
     """Rounds complete per the run's progress.json (0 without one); a corrupt file raises its one-line :class:`UserError`."""
     from pfedmoap_cli.engine.run_record import completed_rounds
@@ -235,7 +258,7 @@ def checked_run_metrics(run_dir: Path, completed: int | None = None) -> tuple[pd
     from pfedmoap_cli.engine.run_record import metrics_problem
     from pfedmoap_cli.engine.workspace import RunPaths
 
-    reason = incomplete_reason(frame, completed, run_num_clients(run_dir))
+    reason = incomplete_reason(frame, completed, run_num_clients(run_dir), run_evaluated_rounds(run_dir))
     if reason is None and any(run_dir.glob(f"checkpoints/round-*/{MANIFEST_NAME}")):
         # Rows that are all there can still have been edited: runs sealed by
         # round manifests are compared with the rows each manifest recorded.

@@ -33,8 +33,11 @@ from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.tracking.base import TrackedRun, Tracker, TrackerBackend
 
 DEFAULT_EXPERIMENT = "pfedmoap"
-#: The metric whose history says which rounds an MLflow run holds.
-ROUND_KEY = "accuracy/mean"
+#: The metric whose history says which rounds an MLflow run holds: one logged
+#: every round (accuracy is not: ``--eval-every`` skips rounds).
+ROUND_KEY = "clients/participants"
+#: The round key of MLflow runs logged before ``--eval-every`` (every round had accuracy then).
+LEGACY_ROUND_KEY = "accuracy/mean"
 _BATCH = 500  # MLflow takes at most 1000 metrics and 100 params per log_batch
 
 
@@ -103,6 +106,8 @@ class MlflowTracker(Tracker):
             ) from None
         client.update_run(run_id, status="RUNNING")
         steps = [m.step for m in client.get_metric_history(run_id, ROUND_KEY)]
+        if not steps:  # a run logged by an older version
+            steps = [m.step for m in client.get_metric_history(run_id, LEGACY_ROUND_KEY)]
         logged = max(steps) + 1 if steps else 0
         return _MlflowRun(client, uri, found.info.experiment_id, run_id, min(logged, completed_rounds))
 

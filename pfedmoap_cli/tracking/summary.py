@@ -3,13 +3,14 @@
 Names (the same in every tracker):
 
 * ``accuracy/mean``: test accuracy averaged over the clients scored (what
-  ``train`` prints and the tables report);
+  ``train`` prints and the tables report); this and the other test scalars
+  only in rounds that scored the clients (``--eval-every``);
 * ``accuracy/weighted``: test accuracy weighted by each client's test images;
 * ``accuracy/client_NNNN``: each client's test accuracy;
 * ``loss/test_mean``: test loss averaged over clients;
 * ``loss/train_mean``: train loss averaged over the round's participants;
 * ``bytes/down_total``, ``bytes/up_total``: traffic of the round, summed over participants;
-* ``clients/participants``: participants whose update arrived;
+* ``clients/participants``: participants whose update arrived (logged every round);
 * ``clients/missing``: clients recorded missing (train or test); ``clients/missing_train``
   and ``clients/missing_test`` split it;
 * ``extra/<metric>``: any other test metric (pFedMoAP's ``attention_cNNNN``: the mean
