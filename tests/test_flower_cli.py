@@ -38,7 +38,8 @@ PARTITION = ("partition", "--dataset", "synthetic", "--iid", "--clients", "4", "
              "--option", "train_per_class=1", "--option", "test_per_class=1")
 #: 2 rounds, 2 of the 4 clients per round, the tiny ViT.
 TRAIN = ("train", "--rounds", "2", "--local-epochs", "1", "--frac", "0.5", "--n-ctx", "2", "--batch-size", "4",
-         "--lr", "0.05", "--backbone", "tiny-vit", "--pretrained", "none", "--device", "cpu", "--eval-batch-size", "64")
+         "--lr", "0.05", "--backbone", "tiny-vit", "--pretrained", "none", "--device", "cpu", "--eval-batch-size", "64",
+         "--per-client")  # a Flower node trains its client alone: bit-equal to the local per-client path
 METHOD_FLAGS = {
     "pfedmoap": ("--method", "pfedmoap", "--gating-dim", "16", "--gating-heads", "4"),
     "promptfl": ("--method", "promptfl"),

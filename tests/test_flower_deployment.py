@@ -33,7 +33,8 @@ PARTITION = (
     "partition", "--dataset", "synthetic", "--clients", "3", "--seed", "1", "--pathological", "--shots", "2",
     "--option", "train_per_class=2", "--option", "test_per_class=1",
 )
-COMMON = ("train", "--local-epochs", "1", "--n-ctx", "2", "--batch-size", "4", "--device", "cpu")
+# Every round's checkpoints are kept: the nodes' states of each round are compared with the in-process run's.
+COMMON = ("train", "--local-epochs", "1", "--n-ctx", "2", "--batch-size", "4", "--device", "cpu", "--keep-rounds", "all", "--per-client")
 TRAIN = (*COMMON, "--method", "pfedmoap", "--method-option", "gating_dim=16", "--method-option", "gating_heads=4")
 
 

@@ -78,6 +78,8 @@ def settings_for(method: str, rounds: int = 2, frac: float = 0.5, seed: int = SE
             method=method, rounds=rounds, local_epochs=1, frac=frac, batch_size=4, n_ctx=2, lr=0.05, seed=seed,
             backbone="tiny-vit", pretrained="none", device="cpu", amp=False, eval_batch_size=64,
             method_options=dict(TINY_MODEL_OPTIONS.get(method, {})),
+            keep_rounds="all",  # the tests read every round's checkpoints back
+            batched=False,  # a Flower node trains its client alone: bit-equal to the local per-client path
         )
     )
 
@@ -325,8 +327,11 @@ class FaultRun:
         return load_checkpoint(self.paths.global_checkpoint(round_index))[0]
 
     def client_state(self, round_index: int, client: int):
-        path = self.paths.client_checkpoint(round_index, client)
-        return load_checkpoint(path)[0] if path.is_file() else None
+        """The client's state after ``round_index``, where that round's manifest says it lies (None: it has none)."""
+        from pfedmoap_cli.artifacts.manifest import read_round_manifest
+
+        ref = read_round_manifest(self.paths.round_dir(round_index)).client_states.get(client)
+        return load_checkpoint(self.paths.root / "checkpoints" / ref.file)[0] if ref else None
 
     def reply(self, kind: str, round_index: int, client: int):
         """The one reply the server got to its ``kind`` message for ``client`` in ``round_index``."""

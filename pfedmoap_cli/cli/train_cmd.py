@@ -82,7 +82,8 @@ def train(
     ] = None,
     batched: Annotated[
         Optional[bool], typer.Option("--batched/--per-client", help="Train a round's clients in lock step as one batched computation "
-                                     "(methods that support it), or one after another. Equal within 1e-5; part of the run id.")
+                                     "(methods that support it; local engine), or one after another. Equal within 1e-5 after a round, "
+                                     "like another --device: not part of the run id.")
     ] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="N", help="Score the clients every N rounds (the last round always).")] = None,
     keep_rounds: Annotated[

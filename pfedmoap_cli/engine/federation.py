@@ -7,10 +7,14 @@ One round t (PROTOCOL.md sections 3 and 4):
    its own state, with data order and augmentation seeded by (seed, t, client),
    so the order in which clients run cannot change any number;
 3. the method aggregates the uploads into the new server state;
-4. every client is scored on its own test set;
-5. metrics rows, the server checkpoint and every client checkpoint are written,
-   then the round's manifest (hashes of those files, its metric rows), and
-   only then is the round marked complete. ``resume`` restarts after the
+4. every client is scored on its own test set (in the rounds ``--eval-every``
+   picks, and the last one; :mod:`pfedmoap_cli.engine.schedule`);
+5. metrics rows, the server checkpoint and the checkpoints of the clients
+   whose state changed in the round are written, then the round's manifest
+   (hashes of those files, where every client's latest state lies, its metric
+   rows), and only then is the round marked complete. Then the checkpoints
+   ``--keep-rounds`` no longer keeps are deleted
+   (:mod:`pfedmoap_cli.engine.retention`). ``resume`` restarts after the
    last complete round and reproduces an uninterrupted run exactly.
 """
 
@@ -23,15 +27,20 @@ import torch
 from tqdm.auto import tqdm
 
 from pfedmoap_cli.artifacts.metrics import MetricRow, append_metrics
+from pfedmoap_cli.engine.batched_round import train_participants
 from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches, ordered_batches
+from pfedmoap_cli.engine.decoded_batches import decoded_epoch_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
 from pfedmoap_cli.engine.recorder import RunRecorder, to_device
+from pfedmoap_cli.engine.retention import refuse_deleted_round
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
+from pfedmoap_cli.engine.schedule import is_evaluated_round
 from pfedmoap_cli.seeding import derive_seed, sample_clients, torch_generator
 from pfedmoap_cli.engine.session import Session
 from pfedmoap_cli.engine.workspace import RunPaths
-from pfedmoap_cli.errors import DataError
+from pfedmoap_cli.errors import ArtifactError, DataError
 from pfedmoap_cli.methods.base import ClientEvaluator, ClientJob, ClientResult, RoundView, State, tensor_bytes
+from pfedmoap_cli.model.tensor_augment import AugmentSettings, TensorAugment
 
 
 @dataclass(frozen=True)
@@ -69,14 +78,18 @@ class Federation:
         """The server state before round 0 (seeded, so evaluate can rebuild it)."""
         return to_device(self.method.initial_state(), self.session.device)
 
-    def save_round(self, round_index: int, server_state: State, client_states: Mapping[int, State]) -> None:
-        """Write the server checkpoint and one checkpoint per client with state."""
+    def save_round(self, round_index: int, server_state: State, changed_states: Mapping[int, State]) -> None:
+        """Write the server checkpoint and the checkpoints of the clients whose state changed in the round.
+
+        The other clients' states stay in the files earlier rounds wrote; the
+        round's manifest points to them.
+        """
         self.recorder.save_server_state(round_index, server_state)
-        for client_id, state in client_states.items():
+        for client_id, state in changed_states.items():
             self.recorder.save_client_state(round_index, client_id, state)
 
     def load_round(self, round_index: int) -> tuple[State, dict[int, State]]:
-        """Read the checkpoints of a complete round back (on this run's device)."""
+        """Read the checkpoints of a complete round back (on this run's device), client states through its manifest."""
         device = self.session.device
         return self.recorder.load_server_state(round_index, device), self.recorder.load_client_states(round_index, device)
 
@@ -91,22 +104,45 @@ class Federation:
         seed = self.settings.seed
         tags = (stream,) if stream else ()
         # Augmentation draws from the global torch RNG; seeding it per client
-        # makes the update independent of which clients ran before.
-        torch.manual_seed(derive_seed(seed, "augment", *tags, round_index, client_id))
+        # makes the update independent of which clients ran before. The
+        # batches also carry the seed and swap in a private copy of that
+        # stream per batch, so clients trained in lock step (batched_round)
+        # get exactly these draws too.
+        augment_seed = derive_seed(seed, "augment", *tags, round_index, client_id)
+        torch.manual_seed(augment_seed)
         client = self.partition.clients[client_id]
         dataset = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.train_transform)
         plain = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.test_transform)
+        tensor_batches = None
+        if self.settings.image_pipeline == "tensor":
+            # Images decoded once per session, augmented as tensors from a
+            # generator seeded with the augment seed: the same sample order
+            # as the PIL path below, and the same crops and flips.
+            clip = self.session.clip
+            tensor_batches = decoded_epoch_batches(
+                self.session.train_images,
+                client.train,
+                [self.session.train_samples[i].label for i in client.train],
+                self.settings.batch_size,
+                torch_generator(seed, "shuffle", *tags, round_index, client_id),
+                torch_generator(seed, "augment", *tags, round_index, client_id),
+                self.session.device,
+                TensorAugment(AugmentSettings(clip.image_size, clip.mean, clip.std), self.session.device),
+            )
         return ClientJob(
             client_id=client_id,
             round_index=round_index,
             server_state=server_state,
             client_state=client_state,
-            batches=epoch_batches(
+            batches=tensor_batches
+            if tensor_batches is not None
+            else epoch_batches(
                 dataset,
                 self.settings.batch_size,
                 torch_generator(seed, "shuffle", *tags, round_index, client_id),
                 self.session.device,
                 self.settings.num_workers,
+                augment_seed=augment_seed,
             ),
             num_examples=len(dataset),
             generator=torch_generator(seed, "method", *tags, round_index, client_id),
@@ -184,7 +220,8 @@ class Federation:
         rounds = tqdm(range(done, end), desc=f"{self.settings.method} rounds", disable=not self.progress, initial=done, total=total)
         for round_index in rounds:
             server_state, client_states, summary = self.run_round(round_index, server_state, client_states)
-            rounds.set_postfix(acc=f"{summary.mean_accuracy:.3f}")
+            if summary.mean_accuracy == summary.mean_accuracy:  # NaN: a round --eval-every skipped
+                rounds.set_postfix(acc=f"{summary.mean_accuracy:.3f}")
             if on_round is not None:
                 on_round(summary)
         return max(done, end)
@@ -196,9 +233,15 @@ class Federation:
         results: dict[int, ClientResult] = {}
         if self.method.trains:
             self.method.prepare_round(round_index, start_state, tuple(participants))
-            for client_id in tqdm(participants, desc=f"round {round_index} clients", leave=False, disable=not self.progress):
-                download = self.method.client_download(start_state, client_id, round_index)
-                results[client_id] = self.train_client(client_id, round_index, download, client_states.get(client_id))
+            # All participants in lock step where the method and --batched allow
+            # it (equal to client by client within float rounding), else one by one.
+            batched = train_participants(self, round_index, participants, start_state, client_states)
+            if batched is not None:
+                results = batched
+            else:
+                for client_id in tqdm(participants, desc=f"round {round_index} clients", leave=False, disable=not self.progress):
+                    download = self.method.client_download(start_state, client_id, round_index)
+                    results[client_id] = self.train_client(client_id, round_index, download, client_states.get(client_id))
         # States change only after every participant has trained (order independence).
         new_client_states = dict(client_states)
         for client_id, result in results.items():
@@ -208,26 +251,38 @@ class Federation:
         if self.method.personalizes:
             new_client_states = self.personalize(round_index, new_server_state, new_client_states)
         view = RoundView(round_index, frozenset(participants), start_state, new_server_state, new_client_states)
-        scores = self.evaluate(view)
+        evaluated = is_evaluated_round(round_index, self.settings.rounds, self.settings.eval_every)
+        scores = self.evaluate(view) if evaluated else []
         rows = self.metric_rows(round_index, scores, results)
         append_metrics(self.paths.metrics_csv, rows)
-        self.save_round(round_index, new_server_state, new_client_states)
+        # A state object that was replaced this round changed; the others are on disk already.
+        changed = {c: state for c, state in new_client_states.items() if state is not client_states.get(c)}
+        self.save_round(round_index, new_server_state, changed)
         # The manifest seals what was written; only then is the round complete.
         self.recorder.write_manifest(round_index, rows)
         mark_round_complete(self.paths, round_index + 1, self.settings.rounds)
-        mean = sum(s.accuracy for s in scores) / max(len(scores), 1)
+        self.recorder.prune(round_index + 1)  # only now: a kill before this leaves the old files, never too few
+        mean = sum(s.accuracy for s in scores) / len(scores) if scores else float("nan")
         return new_server_state, new_client_states, RoundSummary(round_index, tuple(participants), mean)
 
     def reevaluate(self, round_index: int) -> list[MetricRow]:
         """Score the saved checkpoints of a complete round again (``pfedmoap evaluate``).
 
-        The round (and the one before, whose server state it started from)
-        must verify against their manifests first.
+        The round (and the server checkpoint of the one before, whose state it
+        started from) must verify against their manifests first. A round whose
+        checkpoints ``--keep-rounds`` deleted is refused in one line.
         """
-        for checked in range(max(round_index - 1, 0), round_index + 1):
-            self.recorder.verify_round(checked)
+        refuse_deleted_round(self.paths, self.run_id, round_index, completed_rounds(self.paths, self.settings.rounds))
+        self.recorder.verify_round(round_index)
+        if round_index > 0:
+            before = self.recorder.verify_round(round_index - 1, complete=False)
+            if "global.safetensors" in before.files and not self.paths.global_checkpoint(round_index - 1).is_file():
+                raise ArtifactError(f"checkpoint {self.paths.global_checkpoint(round_index - 1)} is missing (round {round_index - 1}'s manifest lists it); "
+                                    "it is the start state of the round to re-score: restore it or retrain the run")
         server_state, client_states = self.load_round(round_index)
-        start_state = self.load_round(round_index - 1)[0] if round_index > 0 else self.initial_state()
+        device = self.session.device
+        # Only the server state of the round before: its clients' states may be deleted (--keep-rounds).
+        start_state = self.recorder.load_server_state(round_index - 1, device) if round_index > 0 else self.initial_state()
         participants = sample_clients(self.num_clients, self.settings.frac, self.settings.seed, round_index) if self.method.trains else []
         view = RoundView(round_index, frozenset(participants), start_state, server_state, client_states)
         return self.metric_rows(round_index, self.evaluate(view), {})

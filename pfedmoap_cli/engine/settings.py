@@ -47,8 +47,10 @@ class TrainSettings:
     #: path of runs made before 0.2; other interpolation, so other numbers).
     image_pipeline: str = "tensor"
     #: The sampled clients of a round train in lock step as one batched
-    #: computation (methods that implement it); equal to client by client
-    #: within float rounding (1e-5 after a round), so part of the run id.
+    #: computation (methods that implement it, local engine). Equal to client
+    #: by client within float rounding (1e-5 after a round): like ``device``,
+    #: how the numbers are computed, not which, so not part of the run id.
+    #: A Flower node always trains its one client alone.
     batched: bool = True
     #: Score the clients every N rounds (the last round always).
     eval_every: int = 1
@@ -73,7 +75,7 @@ class TrainSettings:
 # Nor is ``eval_batch_size``: FedOTP's transport stops on an error averaged
 # over the whole batch (as its authors' solver does), so a test image's score
 # depends on the batch it is solved in.
-_NOT_IN_RUN_ID = {"device", "keep_rounds", "image_cache_mb"}
+_NOT_IN_RUN_ID = {"device", "batched", "keep_rounds", "image_cache_mb"}
 #: Settings recorded by runs made before a field existed take the value that
 #: reproduces what those runs did (not the new default).
 _BEFORE_FIELD = {"image_pipeline": "pil", "batched": False}

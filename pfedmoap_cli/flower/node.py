@@ -141,7 +141,7 @@ class NodeRuntime:
         return result
 
     def evaluate(self, round_index: int, download: State, trained: bool) -> ClientScore:
-        """Personalise (methods that do), score the client on its own test set, save its state.
+        """Personalise (methods that do), score the client on its own test set, save a personalised state.
 
         ``trained``: the server aggregated this client's update of this round;
         otherwise a state the node saved while training this round (an update
@@ -159,7 +159,10 @@ class NodeRuntime:
             state = self.federation.personalize_client(self.client_id, round_index, download, state) or state
         evaluator = self.method.node_evaluator(round_index, self.client_id, download, state)
         score = self.federation.score_clients(evaluator, [self.client_id])[0]
-        if state:
+        if state and self.method.personalizes:
+            # Only a personalised state is new; a trained one was saved by the
+            # train step, an untouched one is in the round where it was made,
+            # so a node's files grow with its participations, not with rounds.
             self.recorder.save_client_state(round_index, self.client_id, state)
         return score
 
