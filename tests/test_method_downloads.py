@@ -100,6 +100,7 @@ def two_rounds(world) -> Callable[[str], TwoRounds]:
             settings = TrainSettings(
                 method=name, rounds=2, local_epochs=1, frac=0.5, batch_size=4, n_ctx=2, lr=0.05, seed=SEED,
                 backbone="tiny-vit", pretrained="none", device="cpu", method_options=dict(TINY_MODEL_OPTIONS.get(name, {})),
+                batched=False,  # the rounds are replayed client by client below and compared bit for bit
             )
             session = open_session(settings, partition, sha, Path("unused"), workspace.features_cache_dir, progress=False)
             federation = Federation(session, name, RunPaths(workspace.run_dir(name)), progress=False)
