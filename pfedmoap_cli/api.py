@@ -355,7 +355,9 @@ def train(
         completed_rounds=outcome.completed_rounds,
         total_rounds=outcome.total_rounds,
         finished=outcome.finished,
-        last_mean_accuracy=None if outcome.last_round is None else float(outcome.last_round.mean_accuracy),
+        last_mean_accuracy=None
+        if outcome.last_round is None or outcome.last_round.mean_accuracy != outcome.last_round.mean_accuracy  # NaN: not scored
+        else float(outcome.last_round.mean_accuracy),
         settings=settings.to_json(),
         metrics=_read_metrics(outcome.paths.metrics_csv),
     )

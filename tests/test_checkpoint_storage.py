@@ -254,3 +254,15 @@ def test_a_deleted_old_file_of_the_last_round_is_found(world):
     _, paths = world.copy(world.auto, "deleted-old")
     (paths.root / "checkpoints" / client_file(2, 1)).unlink()
     assert metrics_problem(paths) == "round 9 does not verify (round-0002/client-0001.safetensors is missing)"
+
+
+def test_train_says_a_round_was_not_scored_instead_of_printing_nan(cli):
+    assert cli("partition", "--dataset", "synthetic", "--iid", "--clients", "2", "--seed", "1",
+               "--option", "train_per_class=1", "--option", "test_per_class=1").exit_code == 0
+    flags = ("train", "--method", "promptfl", "--rounds", "3", "--eval-every", "2", "--local-epochs", "1", "--n-ctx", "2",
+             "--batch-size", "4", "--backbone", "tiny-vit", "--pretrained", "none", "--device", "cpu", "--run-id", "every2")
+    stopped = cli(*flags, "--stop-after", "1")
+    assert stopped.exit_code == 0, stopped.stderr
+    assert "round 0: not scored (--eval-every 2)" in stopped.stdout and "nan" not in stopped.stdout.lower()
+    finished = cli("train", "--run-id", "every2", "--resume")
+    assert finished.exit_code == 0 and "round 2: mean client accuracy" in finished.stdout, finished.stdout  # the last round always

@@ -177,5 +177,9 @@ def train(
         return
     typer.echo(f"run {outcome.run_id}: {outcome.completed_rounds}/{outcome.total_rounds} rounds complete")
     if outcome.last_round is not None:
-        typer.echo(f"  round {outcome.last_round.round_index}: mean client accuracy {100 * outcome.last_round.mean_accuracy:.2f}%")
+        last = outcome.last_round
+        if last.mean_accuracy == last.mean_accuracy:
+            typer.echo(f"  round {last.round_index}: mean client accuracy {100 * last.mean_accuracy:.2f}%")
+        else:  # NaN: --eval-every skipped scoring in this round (the last round of a run is always scored)
+            typer.echo(f"  round {last.round_index}: not scored (--eval-every {settings.eval_every})")
     typer.echo(f"  metrics: {outcome.paths.metrics_csv}")
