@@ -43,7 +43,8 @@ PARTITION = ("partition", "--dataset", "synthetic", "--iid", "--clients", "3", "
              "--option", "train_per_class=1", "--option", "test_per_class=1")
 TRAIN = ("train", "--method", "pfedmoap", "--rounds", "3", "--local-epochs", "1", "--frac", "0.67", "--n-ctx", "2",
          "--batch-size", "8", "--lr", "0.05", "--backbone", "tiny-vit", "--pretrained", "none", "--device", "cpu",
-         "--gating-dim", "16", "--gating-heads", "4", "--eval-batch-size", "64", "--run-id", RUN)
+         "--gating-dim", "16", "--gating-heads", "4", "--eval-batch-size", "64", "--run-id", RUN,
+         "--keep-rounds", "all")  # every round on disk, so a damaged last round can fall back one round
 RESUME = ("train", "--run-id", RUN, "--resume")
 
 
