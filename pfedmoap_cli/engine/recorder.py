@@ -14,15 +14,13 @@ from typing import Iterable, Mapping
 import torch
 
 from pfedmoap_cli.artifacts.checkpoint import CheckpointIdentity, load_checkpoint, save_checkpoint
-from pfedmoap_cli.artifacts.atomic import sha256_file
-from pfedmoap_cli.artifacts.manifest import RoundManifest, read_round_manifest, verify_round, write_round_manifest
+from pfedmoap_cli.artifacts.manifest import RoundManifest, read_round_manifest, verify_client_states, verify_round, write_round_manifest
 from pfedmoap_cli.artifacts.metrics import MetricRow, format_metric_rows
 from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.engine.evaluation import ClientScore
 from pfedmoap_cli.engine.retention import prune_rounds
 from pfedmoap_cli.engine.settings import TrainSettings, keep_rounds_count
 from pfedmoap_cli.engine.workspace import RunPaths
-from pfedmoap_cli.errors import ArtifactError
 from pfedmoap_cli.methods.base import ClientResult, State
 
 #: The metric recorded (value 1.0) for a client that did not answer in a round:
@@ -127,15 +125,11 @@ class RunRecorder:
         metadata against that round and client.
         """
         manifest = read_round_manifest(self.paths.round_dir(round_index))
+        checkpoints = self.paths.root / "checkpoints"
+        verify_client_states(checkpoints, manifest)
         clients: dict[int, State] = {}
         for client_id, ref in sorted(manifest.client_states.items()):
-            path = self.paths.root / "checkpoints" / ref.file
-            if not path.is_file() or sha256_file(path) != ref.sha256:
-                why = "is missing" if not path.is_file() else f"changed since round {ref.round} was written"
-                raise ArtifactError(
-                    f"checkpoint {path} (client {client_id}'s state in round {round_index}) {why}; "
-                    f"resume the run with 'pfedmoap train --resume --run-id {self.run_id}' (it trains again from the last round whose files verify)"
-                )
+            path = checkpoints / ref.file
             tensors, _ = load_checkpoint(path, self.identity(ref.round, str(client_id)))
             clients[client_id] = to_device(tensors, device)
         return clients

@@ -47,15 +47,11 @@ def whole_from(manifests: Sequence[RoundManifest]) -> int:
     return bound
 
 
-def files_to_keep(paths: RunPaths, manifests: Sequence[RoundManifest], keep: int | None) -> set[Path] | None:
-    """The checkpoint files the rules above keep, given the manifests of the complete rounds (None: keep all)."""
-    if keep is None:
-        return None
-    done = len(manifests)
-    first_kept = max(done - keep, 0)
+def files_to_keep(paths: RunPaths, kept_manifests: Sequence[RoundManifest], first_kept: int) -> set[Path]:
+    """The checkpoint files the rules above keep, given the manifests of the kept rounds (from round ``first_kept`` on)."""
     kept: set[Path] = set()
     checkpoints = paths.root / "checkpoints"
-    for manifest in manifests[first_kept:]:
+    for manifest in kept_manifests:
         kept.update(paths.round_dir(manifest.round) / name for name in manifest.files)
         kept.update(checkpoints / ref.file for ref in manifest.client_states.values())
     if first_kept > 0:
@@ -67,14 +63,15 @@ def prune_rounds(paths: RunPaths, completed: int, keep: int | None) -> list[Path
     """Delete the checkpoint files of rounds before the last ``keep`` that no kept round needs; return them.
 
     Call only once ``completed`` rounds are marked complete (their manifests
-    are then all on disk and verified or just written).
+    are then all on disk and verified or just written). Only the kept rounds'
+    manifests are read: a round's pruning costs the same in round 5 and 500.
     """
     if keep is None or completed <= keep:
         return []
-    manifests = [read_round_manifest(paths.round_dir(r)) for r in range(completed)]
-    kept = files_to_keep(paths, manifests, keep)
+    first_kept = completed - keep
+    kept = files_to_keep(paths, [read_round_manifest(paths.round_dir(r)) for r in range(first_kept, completed)], first_kept)
     deleted = []
-    for round_index in range(completed - keep):
+    for round_index in range(first_kept):
         for path in sorted(paths.round_dir(round_index).glob(CHECKPOINT_GLOB)):
             if path not in kept and not is_temp_file(path):
                 path.unlink()
