@@ -30,7 +30,6 @@ and a 500 x 375 photograph under a 224 px model) are stored untouched.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -41,7 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pfedmoap_cli.artifacts.atomic import atomic_write, sha256_json
+from pfedmoap_cli.artifacts.atomic import sha256_json
+from pfedmoap_cli.artifacts.checked_tensor import read_checked_tensor, write_checked_tensor
 from pfedmoap_cli.data.sources.base import DatasetSource, Sample
 
 CACHE_SCHEMA = "pfedmoap-decoded-image/1"
@@ -91,10 +91,6 @@ def decode_rgb(source: DatasetSource, sample: Sample, max_short_side: int | None
             size = (max(1, round(width * max_short_side / height)), max_short_side)
         image = image.resize(size, Image.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
-def _pixels_sha256(image: torch.Tensor) -> str:
-    return hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -198,32 +194,18 @@ class DecodedImageStore:
             self.counts.spilled += 1
 
     def _write_disk(self, index: int, image: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        metadata = {"schema": CACHE_SCHEMA, "key": self.entry_key(index), "sha256": _pixels_sha256(image)}
-        atomic_write(self.entry_path(index), lambda tmp: save_file({TENSOR_NAME: image.contiguous()}, str(tmp), metadata=metadata))
+        write_checked_tensor(self.entry_path(index), TENSOR_NAME, image, {"schema": CACHE_SCHEMA, "key": self.entry_key(index)})
         self._on_disk.add(index)
 
     def _read_disk(self, index: int) -> tuple[torch.Tensor | None, bool]:
         """``(image, False)`` from a sound disk entry; ``(None, damaged)`` otherwise (a notice when damaged)."""
-        from safetensors import safe_open
-
         path = self.entry_path(index)
         if not path.is_file():
             self._on_disk.discard(index)
             return None, False
-        problem = None
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                metadata = handle.metadata() or {}
-                image = handle.get_tensor(TENSOR_NAME)
-        except Exception:  # noqa: BLE001 - truncated, corrupt or foreign file: decode again
-            problem = "was damaged (unreadable)"
-        else:
-            if metadata.get("key") != self.entry_key(index) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-                problem = "was damaged (it does not hold this image)"
-            elif _pixels_sha256(image) != metadata.get("sha256"):
-                problem = "was damaged (checksum mismatch)"
+        image, problem = read_checked_tensor(
+            path, TENSOR_NAME, self.entry_key(index), lambda t: t.dtype == torch.uint8 and t.dim() == 3 and t.shape[0] == 3, "this image"
+        )
         if problem is not None:
             self.counts.damaged += 1
             self._on_disk.discard(index)

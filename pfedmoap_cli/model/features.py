@@ -15,7 +15,6 @@ entry is recomputed and rewritten, with one line on stderr.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from pfedmoap_cli.artifacts.atomic import atomic_write, sha256_json
+from pfedmoap_cli.artifacts.atomic import sha256_json
+from pfedmoap_cli.artifacts.checked_tensor import read_checked_tensor, write_checked_tensor
 from pfedmoap_cli.compat import import_open_clip
 from pfedmoap_cli.model.backbone import FrozenClip
 
@@ -136,33 +136,6 @@ def compute_image_features(
     return features
 
 
-def _tensor_sha256(features: torch.Tensor) -> str:
-    """Hex sha256 of a CPU tensor's bytes (row-major, native byte order as stored)."""
-    return hashlib.sha256(features.contiguous().numpy().tobytes()).hexdigest()
-
-
-def _read_cache(path: Path, key: str, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str | None]:
-    """``(features, None)`` for a sound entry, else ``(None, why it was not used)``."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            features = handle.get_tensor(TENSOR_NAME)
-    except Exception:  # truncated, corrupt or foreign file: rewrite it
-        return None, "was damaged (unreadable)"
-    if metadata.get("key") != key or tuple(features.shape) != shape or features.dtype != torch.float32:
-        return None, "was damaged (it does not hold these features)"
-    expected = metadata.get("sha256")
-    if expected is None:
-        # Written before entries carried a checksum: nothing tells a sound old entry from one
-        # with flipped payload bytes, and recomputing once costs one pass over the test images.
-        return None, "has no checksum (an older version wrote it)"
-    if _tensor_sha256(features) != expected:
-        return None, "was damaged (checksum mismatch)"
-    return features, None
-
-
 def cached_image_features(
     clip: FrozenClip,
     load_image: ImageLoader,
@@ -201,8 +174,6 @@ def cached_image_features(
     Tensor
         float32, L2-normalised, on the CPU.
     """
-    from safetensors.torch import save_file
-
     key = feature_cache_key(clip, dataset_fingerprint, sample_keys, clip.test_transform_id(), tokens=tokens)
     path = Path(cache_dir) / f"{key}.safetensors"
     if tokens:
@@ -213,7 +184,9 @@ def cached_image_features(
         shape = (len(sample_keys), clip.embed_dim)
     problem = None
     if path.is_file():
-        cached, problem = _read_cache(path, key, shape)
+        cached, problem = read_checked_tensor(
+            path, TENSOR_NAME, key, lambda t: tuple(t.shape) == shape and t.dtype == torch.float32, "these features"
+        )
         if cached is not None:
             return cached
     features = compute_image_features(
@@ -224,9 +197,8 @@ def cached_image_features(
         "backbone": clip.spec.identity(),
         "num": str(len(sample_keys)),
         "schema": CACHE_SCHEMA,
-        "sha256": _tensor_sha256(features),
     }
-    atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=metadata))
+    write_checked_tensor(path, TENSOR_NAME, features, metadata)
     if problem is not None:
         print(f"feature cache entry {path} {problem}; recomputed", file=sys.stderr, flush=True)
     return features
