@@ -72,6 +72,11 @@ class Federation:
         self.train_transform = session.clip.train_transform()
         self.test_transform = session.clip.test_transform()
         self.recorder = RunRecorder(run_id, self.settings, self.partition, session.partition_sha256, paths)
+        clip = session.clip
+        # The tensor pipeline's augmentation, built once (not per client job).
+        self.tensor_augment = (
+            TensorAugment(AugmentSettings(clip.image_size, clip.mean, clip.std), session.device) if self.settings.image_pipeline == "tensor" else None
+        )
 
     # ---- state -----------------------------------------------------------
     def initial_state(self) -> State:
@@ -111,40 +116,34 @@ class Federation:
         augment_seed = derive_seed(seed, "augment", *tags, round_index, client_id)
         torch.manual_seed(augment_seed)
         client = self.partition.clients[client_id]
-        dataset = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.train_transform)
+        shuffle = torch_generator(seed, "shuffle", *tags, round_index, client_id)
         plain = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.test_transform)
-        tensor_batches = None
-        if self.settings.image_pipeline == "tensor":
+        if self.tensor_augment is not None:
             # Images decoded once per session, augmented as tensors from a
             # generator seeded with the augment seed: the same sample order
-            # as the PIL path below, and the same crops and flips.
-            clip = self.session.clip
-            tensor_batches = decoded_epoch_batches(
+            # as the PIL path, and the same crops and flips.
+            batches = decoded_epoch_batches(
                 self.session.train_images,
                 client.train,
                 [self.session.train_samples[i].label for i in client.train],
                 self.settings.batch_size,
-                torch_generator(seed, "shuffle", *tags, round_index, client_id),
+                shuffle,
                 torch_generator(seed, "augment", *tags, round_index, client_id),
                 self.session.device,
-                TensorAugment(AugmentSettings(clip.image_size, clip.mean, clip.std), self.session.device),
+                self.tensor_augment,
+            )
+        else:
+            dataset = ClientTrainImages(self.session.source, self.session.train_samples, client.train, self.train_transform)
+            batches = epoch_batches(
+                dataset, self.settings.batch_size, shuffle, self.session.device, self.settings.num_workers, augment_seed=augment_seed
             )
         return ClientJob(
             client_id=client_id,
             round_index=round_index,
             server_state=server_state,
             client_state=client_state,
-            batches=tensor_batches
-            if tensor_batches is not None
-            else epoch_batches(
-                dataset,
-                self.settings.batch_size,
-                torch_generator(seed, "shuffle", *tags, round_index, client_id),
-                self.session.device,
-                self.settings.num_workers,
-                augment_seed=augment_seed,
-            ),
-            num_examples=len(dataset),
+            batches=batches,
+            num_examples=len(client.train),
             generator=torch_generator(seed, "method", *tags, round_index, client_id),
             plain_batches=ordered_batches(plain, self.settings.eval_batch_size, self.session.device, self.settings.num_workers),
         )
