@@ -91,6 +91,29 @@ def run_paths(workspace: Path, run_id: str) -> RunPaths:
     return RunPaths(workspace / "runs" / run_id)
 
 
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"({error})"
+
+
+def simulation_diagnostics(done: subprocess.CompletedProcess, flower_log: Path) -> str:
+    """What a failed simulation leaves to read: the CLI's stderr, Flower's log and
+    Ray's own logs (named in the error), so that a failure on a CI machine can be
+    understood from its output alone."""
+    parts = [done.stderr[-3000:], f"--- {flower_log} (tail)", _tail(flower_log, 60)]
+    ray_logs = done.stderr.rsplit("Ray's logs: ", 1)[1].split(")", 1)[0].strip() if "Ray's logs: " in done.stderr else ""
+    if ray_logs and Path(ray_logs).is_dir():
+        raylet = [line for line in _tail(Path(ray_logs) / "raylet.out", 2000).splitlines() if " W " in line or " E " in line]
+        parts += ["--- raylet warnings and errors", "\n".join(raylet[-40:])]
+        for err in sorted(Path(ray_logs).glob("*.err")):
+            text = _tail(err, 15)
+            if text.strip():
+                parts += [f"--- {err.name}", text]
+    return "\n".join(parts)[-20000:]
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A workspace with the partition and the local (reference) runs of both methods."""
@@ -106,11 +129,12 @@ def workspace(tmp_path_factory) -> Path:
 
 
 # ---- 1. Flower's simulation runtime -----------------------------------------------------------------
+@pytest.mark.ray
 def test_flower_simulation_writes_the_local_engines_run_files(workspace):
     # A reply Ray loses under heavy load costs one --round-timeout before the step is sent again.
     done = script(workspace, *TRAIN, *METHOD_FLAGS["pfedmoap"], "--engine", "flower", "--round-timeout", "60", "--run-id", "flower-pfedmoap")
     sys.stderr.write(done.stderr)  # shown by pytest when a comparison below fails
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, simulation_diagnostics(done, run_paths(workspace, "flower-pfedmoap").flower_log)
     assert "run flower-pfedmoap: 2/2 rounds complete" in done.stdout, done.stdout
     assert "Traceback" not in done.stderr
     assert_same_run_files(run_paths(workspace, "flower-pfedmoap"), run_paths(workspace, "local-pfedmoap"), rounds=2)
@@ -118,6 +142,7 @@ def test_flower_simulation_writes_the_local_engines_run_files(workspace):
     assert record["settings"] == json.loads(run_paths(workspace, "local-pfedmoap").run_json.read_text())["settings"]
 
 
+@pytest.mark.ray
 def test_a_local_run_resumes_on_flower(workspace):
     """Started locally and stopped after round 0, then ``--resume --engine flower`` with the same flags: the same run id."""
     flags = (*TRAIN, *METHOD_FLAGS["promptfl"])
@@ -129,7 +154,7 @@ def test_a_local_run_resumes_on_flower(workspace):
 
     done = script(workspace, *flags, "--resume", "--engine", "flower", "--round-timeout", "60")
     sys.stderr.write(done.stderr)  # shown by pytest when a comparison below fails
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, simulation_diagnostics(done, run_paths(workspace, run_id).flower_log)
     assert f"run {run_id}: 2/2 rounds complete" in done.stdout, done.stdout
     assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before  # no new run: the engine is not in the id
     assert_same_run_files(run_paths(workspace, run_id), run_paths(workspace, "local-promptfl"), rounds=2)
@@ -204,3 +229,38 @@ def test_write_flower_app_holds_the_resolved_settings(cli, workspace, tmp_path):
     assert settings_from_json(json.loads(deployed.settings_json)).to_json() == trained["settings"]
     assert deployed.options.round_timeout == 120.0
     assert metric_rows(run_paths(workspace, "local-pfedmoap"))  # the reference run is a real one
+
+
+def test_the_simulation_starts_a_ray_instance_of_its_own(workspace, monkeypatch):
+    """Ray is asked for a new local instance (``address="local"``), never the cluster that
+    RAY_ADDRESS or a ``ray start`` on the machine names, and Ray's failure is one line."""
+    import flwr.simulation
+
+    asked: list[dict] = []
+
+    def fake_run_simulation(**kwargs):
+        asked.append(kwargs["backend_config"])
+        raise RuntimeError("no Ray here")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a foreign cluster a user's shell may name
+    result = in_process(workspace, *TRAIN, *METHOD_FLAGS["promptfl"], "--engine", "flower", "--run-id", "ray-args")
+    assert result.exit_code == 1, result.stderr
+    assert len(asked) == 1 and asked[0]["init_args"]["address"] == "local"
+    assert asked[0]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: Flower's simulation runtime failed (no Ray here)"), lines
+
+
+def test_a_servers_error_names_flowers_and_rays_logs():
+    from pfedmoap_cli.errors import FederationError
+    from pfedmoap_cli.flower.simulation import ray_logs_folder, with_log_hint
+
+    assert ray_logs_folder() is None  # no Ray instance in this process
+    hinted = with_log_hint(FederationError("round 0: train failed"), Path("/w/flower.log"), "/tmp/ray/s/logs")
+    assert isinstance(hinted, FederationError)
+    assert str(hinted) == "round 0: train failed (Flower's log: /w/flower.log; Ray's logs: /tmp/ray/s/logs)"
+    assert str(with_log_hint(FederationError("x"), Path("/w/flower.log"))) == "x (Flower's log: /w/flower.log)"
+    other = ValueError("not the server's")
+    assert with_log_hint(other, Path("/w/flower.log"), "/r") is other

@@ -60,10 +60,25 @@ def flower_log_to(path: Path, debug: bool = False) -> Iterator[None]:
             screen.setLevel(level)
 
 
-def with_log_hint(error: Exception, log: Path) -> Exception:
-    """A server's :class:`FederationError` with where Flower's log of the run is; other errors as they are."""
+def ray_logs_folder() -> str | None:
+    """The log folder of this process's Ray instance (its workers' stderr, the raylet's log), if one is up.
+
+    Read through a private attribute of Ray, guarded: where a later Ray moves
+    it, the hint is only left out."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # noqa: SLF001
+        return str(Path(node.get_session_dir_path()) / "logs") if node is not None else None
+    except Exception:  # noqa: BLE001 - a hint, never a new failure
+        return None
+
+
+def with_log_hint(error: Exception, log: Path, ray_logs: str | None = None) -> Exception:
+    """A server's :class:`FederationError` with where Flower's (and Ray's) logs of the run are; other errors as they are."""
     if isinstance(error, FederationError):
-        return FederationError(f"{error} (Flower's log: {log})")
+        where = f"Flower's log: {log}" + (f"; Ray's logs: {ray_logs}" if ray_logs else "")
+        return FederationError(f"{error} ({where})")
     return error
 
 
@@ -91,6 +106,7 @@ class FlowerSimulationRuntime:
             run = RunInfo.of(job.run_id, job.settings, job.partition_sha256)
             done: list[int] = []  # the server thread's return value
             failed: list[Exception] = []  # ... or what it raised
+            ray_logs: list[str | None] = [None]  # where Ray logged, read while it is still up
 
             def serve(grid) -> None:
                 server = FlowerServer(grid, method, run, job.partition, job.paths, self.options, progress=job.progress)
@@ -98,6 +114,7 @@ class FlowerSimulationRuntime:
                     done.append(server.run(stop_after=stop_after, on_round=on_round))
                 except Exception as error:
                     failed.append(error)
+                    ray_logs[0] = ray_logs_folder()
                     raise
 
             server_app = make_server_app(serve)
@@ -116,6 +133,10 @@ class FlowerSimulationRuntime:
                         backend_config={
                             "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
                             "init_args": {
+                                # always a new Ray instance of this run's own: never one that
+                                # RAY_ADDRESS or /tmp/ray/ray_current_cluster (a `ray start`)
+                                # points to, whose workers may lack this environment or be busy
+                                "address": "local",
                                 "num_cpus": max(os.cpu_count() or 1, int(self.cpus_per_client)),
                                 "include_dashboard": False,
                                 "log_to_driver": debug,
@@ -127,13 +148,13 @@ class FlowerSimulationRuntime:
                     )
             except Exception as error:
                 if failed:  # the server's own error (a FederationError names its fix), not Flower's wrapper
-                    raise with_log_hint(failed[0], job.paths.flower_log) from None
+                    raise with_log_hint(failed[0], job.paths.flower_log, ray_logs[0]) from None
                 raise FederationError(
                     f"Flower's simulation runtime failed ({str(error).strip() or type(error).__name__}); "
                     f"its log is {job.paths.flower_log}; PFEDMOAP_DEBUG=1 shows it on the screen"
                 ) from error
             if failed:
-                raise with_log_hint(failed[0], job.paths.flower_log)
+                raise with_log_hint(failed[0], job.paths.flower_log, ray_logs[0])
             return done[0] if done else 0
 
         return train
