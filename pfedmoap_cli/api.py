@@ -49,6 +49,7 @@ __all__ = [
     "TrainResult",
     "RoundScore",
     "EvaluationResult",
+    "CrossDatasetResult",
     "ReportResult",
     "UserError",
     "ConfigError",
@@ -432,6 +433,88 @@ def evaluate(
             on_round(score)
     write_metrics_text(paths.evaluation_csv, "".join(body))
     return EvaluationResult(run_id=run, path=paths.evaluation_csv, rounds=tuple(scores), frame=_read_metrics(paths.evaluation_csv))
+
+
+@dataclass(frozen=True)
+class CrossDatasetResult:
+    """A run's global part scored on every class of another dataset (:func:`evaluate_on_dataset`)."""
+
+    run_id: str
+    round: int
+    dataset: str
+    num_classes: int
+    num_examples: int
+    accuracy: float
+    #: What was scored, in words (e.g. "the global prompt").
+    part: str
+    #: runs/<id>/cross_dataset.csv, where the score was recorded.
+    path: Path
+
+
+def evaluate_on_dataset(
+    run_id: str,
+    dataset: str,
+    *,
+    dataset_options: dict | None = None,
+    workspace: PathLike = DEFAULT_WORKSPACE,
+    data_root: PathLike = DEFAULT_DATA_ROOT,
+    round: int | None = None,  # noqa: A002 -- the flag's name
+    device: str | None = None,
+    progress: bool = True,
+) -> CrossDatasetResult:
+    """Score a finished run's global part on every test image and class of ``dataset``, as
+    ``pfedmoap evaluate --run R --dataset D``.
+
+    The round (default: the last complete one) must still have its server
+    checkpoint, verified against its manifest first. Client states are not
+    used: private parts stay with their clients, and a method without a global
+    part is refused in one line. The score is added to
+    runs/<id>/cross_dataset.csv (replacing an earlier score of the same round,
+    dataset and options).
+    """
+    from pfedmoap_cli.artifacts.cross_dataset_table import options_text, record_cross_dataset
+    from pfedmoap_cli.artifacts.partition import load_partition
+    from pfedmoap_cli.engine.cross_dataset import score_on_dataset, transferable_part
+    from pfedmoap_cli.engine.recorder import RunRecorder
+    from pfedmoap_cli.engine.retention import refuse_deleted_round
+    from pfedmoap_cli.engine.run_record import completed_rounds, partition_path_of, read_run_record, run_settings
+    from pfedmoap_cli.engine.workspace import RunPaths, check_run_id
+    from pfedmoap_cli.methods.base import get_method
+    from pfedmoap_cli.model.backbone import resolve_device
+
+    check_run_id(run_id, "--run")
+    options = dict(dataset_options or {})
+    ws = _workspace(workspace)
+    paths = RunPaths(ws.run_dir(run_id))
+    record = read_run_record(paths)
+    settings = run_settings(record)
+    if device:
+        settings = dataclasses.replace(settings, device=device)
+    transferable_part(get_method(settings.method))  # refuse before anything is loaded
+    done = completed_rounds(paths, settings.rounds)
+    if done == 0:
+        raise ArtifactError(f"run {run_id} has no complete round yet; train it first ('pfedmoap train --resume --run-id {run_id}')")
+    chosen = done - 1 if round is None else round
+    if not 0 <= chosen < done:
+        raise ConfigError(f"--round must be between 0 and {done - 1} for run {run_id}")
+    refuse_deleted_round(paths, run_id, chosen, done)
+    partition, sha = load_partition(partition_path_of(record, ws.root))
+    if sha != record["partition_sha256"]:
+        raise ArtifactError(f"the partition of run {run_id} changed since it was trained; it cannot be scored")
+    recorder = RunRecorder(run_id, settings, partition, sha, paths)
+    recorder.verify_round(chosen)
+    target_device = resolve_device(settings.device)
+    server_state = recorder.load_server_state(chosen, target_device)
+    score = score_on_dataset(
+        run_id, settings, partition.num_clients, chosen, server_state, dataset, options, Path(data_root), ws.features_cache_dir,
+        device=target_device, progress=progress,
+    )
+    record_cross_dataset(paths.cross_dataset_csv, {
+        "run_id": run_id, "round": chosen, "dataset": dataset, "dataset_options": options_text(options),
+        "num_classes": score.num_classes, "num_examples": score.num_examples, "accuracy": repr(score.accuracy), "loss": repr(score.loss),
+        "part": score.part,
+    })
+    return CrossDatasetResult(run_id, chosen, dataset, score.num_classes, score.num_examples, score.accuracy, score.part, paths.cross_dataset_csv)
 
 
 # ---- report -------------------------------------------------------------------------------------

@@ -90,6 +90,11 @@ class RunPaths:
         return self.root / "evaluation.csv"
 
     @property
+    def cross_dataset_csv(self) -> Path:
+        """Scores of the run's global part on other datasets (``pfedmoap evaluate --dataset``)."""
+        return self.root / "cross_dataset.csv"
+
+    @property
     def flower_log(self) -> Path:
         """Flower's own log of a simulation run (appended to by every start)."""
         return self.root / "flower.log"

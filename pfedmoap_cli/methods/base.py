@@ -167,6 +167,19 @@ class FederatedMethod(ABC):
     #: ``(B, 1 + M, D)`` (:func:`pfedmoap_cli.model.local_tokens.encode_image_tokens`)
     #: instead of pooled features ``(B, D)``; the engine computes and caches those.
     needs_local_tokens: ClassVar[bool] = False
+    #: True when neither the method's state nor its evaluator depends on the class
+    #: set it was trained on (a CoOp-style context works with any class names), so a
+    #: second instance built over other class names (:func:`pfedmoap_cli.engine.
+    #: generalisation.method_for_class_names`) can score the same round's states on
+    #: them: the novel classes of a base-to-novel run. False for methods whose state
+    #: is tied to the training classes' count or identities (pFedPrompt's memory of
+    #: labelled features); those record no novel scores.
+    label_set_free: ClassVar[bool] = True
+    #: What of a run is scored on another dataset (``pfedmoap evaluate --dataset``), in
+    #: words: the evaluator of a client without state on the round's server state.
+    #: None: nothing global transfers (:attr:`no_global_part_reason` says why).
+    global_part: ClassVar[str | None] = "the global prompt"
+    no_global_part_reason: ClassVar[str] = ""
 
     def __init__(self, env: MethodEnv, options: Any = None) -> None:
         self.env = env

@@ -106,6 +106,8 @@ def train_prompts_batched(
 @register_method
 class CoOp(FederatedMethod):
     name = "coop"
+    global_part = None
+    no_global_part_reason = "each client's prompt is its own and is never shared"
 
     def initial_server_state(self, generator: torch.Generator) -> State:
         return {"init_ctx": self.env.text_encoder.initial_context(generator)}

@@ -117,6 +117,8 @@ def personalised_aggregate(own: torch.Tensor, others: torch.Tensor, sigma: float
 @register_method
 class FedAMP(FederatedMethod):
     name = "fedamp"
+    global_part = None
+    no_global_part_reason = "the server keeps one personalised aggregate per client and no global prompt"
     Options = FedAMPOptions
 
     def __init__(self, env, options=None) -> None:

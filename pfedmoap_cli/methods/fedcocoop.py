@@ -153,6 +153,7 @@ class ConditionalPromptEvaluator(ClientEvaluator):
 @register_method
 class FedCoCoOp(FederatedMethod):
     name = "fedcocoop"
+    global_part = "the global context and meta-net"
     Options = FedCoCoOpOptions
 
     def __init__(self, env, options=None) -> None:

@@ -197,6 +197,7 @@ class TwoPromptOTEvaluator(ClientEvaluator):
 @register_method
 class FedOTP(FederatedMethod):
     name = "fedotp"
+    global_part = "the global prompt, with the initial local prompt a new client starts from"
     Options = FedOTPOptions
     #: The engine must pass test images as (B, 1 + M, D) tokens (see model/local_tokens.py).
     needs_local_tokens: ClassVar[bool] = True

@@ -57,6 +57,7 @@ class FedPerOptions:
 @register_method
 class FedPer(FederatedMethod):
     name = "fedper"
+    global_part = "the shared context tokens, with the initial personal tokens a new client starts from"
     Options = FedPerOptions
 
     def __init__(self, env, options=None) -> None:

@@ -170,6 +170,7 @@ class PersonalContextEvaluator(ClientEvaluator):
 @register_method
 class FedPGP(FederatedMethod):
     name = "fedpgp"
+    global_part = "the global context sigma, with the initial U V a new client starts from"
     Options = FedPGPOptions
 
     def __init__(self, env, options=None) -> None:

@@ -124,6 +124,7 @@ def bare_class_name(name: str) -> str:
 @register_method
 class FedTPG(FederatedMethod):
     name = "fedtpg"
+    global_part = "the global prompt generator, conditioned on the new class names"
     Options = FedTPGOptions
 
     def __init__(self, env, options=None) -> None:

@@ -238,6 +238,8 @@ def _expert_ids(ids: list[int], device: torch.device) -> torch.Tensor:
 @register_method
 class PFedMoAP(FederatedMethod):
     name = "pfedmoap"
+    global_part = None
+    no_global_part_reason = "each client is scored with its own prompt, other clients' prompts as experts and its private gating network: there is no global model"
     Options = PFedMoAPOptions
 
     def __init__(self, env: MethodEnv, options: PFedMoAPOptions | None = None) -> None:

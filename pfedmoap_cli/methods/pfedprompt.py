@@ -119,6 +119,8 @@ class PersonalVisualEvaluator(ClientEvaluator):
 @register_method
 class PFedPrompt(PromptFL):
     name = "pfedprompt"
+    label_set_free = False  # each client's visual memory holds features labelled with the training classes
+    global_part = "the global text prompt (the private visual memories stay on the clients)"
     Options = PFedPromptOptions
 
     def __init__(self, env, options=None) -> None:

@@ -55,6 +55,7 @@ class PromptFLFineTuneOptions:
 @register_method
 class PromptFLFineTune(PromptFL):
     name = "promptfl-ft"
+    global_part = "the global prompt (before each client's private fine-tuning)"
     Options = PromptFLFineTuneOptions
     personalizes = True
 

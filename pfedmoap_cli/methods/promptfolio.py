@@ -116,6 +116,7 @@ class PortfolioEvaluator(ClientEvaluator):
 @register_method
 class PromptFolio(FederatedMethod):
     name = "promptfolio"
+    global_part = "the global prompt, mixed with the initial local prompt a new client starts from"
     Options = PromptFolioOptions
 
     def __init__(self, env, options=None) -> None:

@@ -37,6 +37,7 @@ class SharedTextEvaluator(ClientEvaluator):
 @register_method
 class ZeroShotClip(FederatedMethod):
     name = "zsclip"
+    global_part = "the hand-written prompt (nothing is trained)"
     Options = ZeroShotOptions
     trains = False
 
