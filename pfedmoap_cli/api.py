@@ -43,6 +43,7 @@ __all__ = [
     "partition",
     "train",
     "evaluate",
+    "evaluate_on_dataset",
     "report",
     "method_names",
     "PartitionResult",
@@ -80,6 +81,8 @@ class PartitionResult:
     num_classes: int
     #: Training samples of each client, in client order.
     train_sizes: tuple[int, ...]
+    #: A base-to-novel partition: ``num_classes`` are the base classes; the others are held out.
+    base_to_novel: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ def partition(
     clients_per_domain: int | None = None,
     seed: int = 1,
     dataset_options: Mapping[str, Any] | None = None,
+    base_to_novel: bool | None = None,
 ) -> PartitionResult:
     """Split ``dataset`` over clients into a partition file and make it the workspace's current one.
 
@@ -213,7 +217,9 @@ def partition(
     ``pathological=True`` and ``iid=True`` (else the dataset recipe's scheme);
     unset numbers come from the recipe. ``dataset_options`` are the
     ``--option KEY=VALUE`` pairs (e.g. ``{"seed": 3}`` for synthetic), on top of
-    the recipe's. Raises :class:`ConfigError` for bad values before anything is
+    the recipe's. ``base_to_novel=True`` (``--base-to-novel``; unset: the
+    recipe's ``base_to_novel``) gives the clients the first ceil(C/2) classes
+    only; runs on it also score base and novel classes. Raises :class:`ConfigError` for bad values before anything is
     read or written.
     """
     from pfedmoap_cli.artifacts.partition import save_partition
@@ -237,6 +243,7 @@ def partition(
         shots=shots if shots is not None else recipe.get("shots"),
         min_size=min_size if min_size is not None else int(recipe.get("min_size", 2)),
         clients_per_domain=clients_per_domain if clients_per_domain is not None else recipe.get("clients_per_domain"),
+        base_to_novel=base_to_novel if base_to_novel is not None else bool(recipe.get("base_to_novel", False)),
     )
     check_partition_flags(settings)
     if settings.scheme == "dirichlet" and settings.alpha is None:
@@ -258,6 +265,7 @@ def partition(
         num_clients=result.num_clients,
         num_classes=len(result.class_names),
         train_sizes=tuple(len(c.train) for c in result.clients),
+        base_to_novel=bool(result.params.get("base_to_novel", False)),
     )
 
 
@@ -426,7 +434,7 @@ def evaluate(
     for r in rounds:
         rows = federation.reevaluate(r)
         body.append(format_metric_rows(rows))
-        accuracies = [row.value for row in rows if row.metric == "accuracy"]
+        accuracies = [row.value for row in rows if row.split == "test" and row.metric == "accuracy"]
         score = RoundScore(r, sum(accuracies) / len(accuracies), len(accuracies))
         scores.append(score)
         if on_round is not None:
@@ -506,7 +514,7 @@ def evaluate_on_dataset(
     target_device = resolve_device(settings.device)
     server_state = recorder.load_server_state(chosen, target_device)
     score = score_on_dataset(
-        run_id, settings, partition.num_clients, chosen, server_state, dataset, options, Path(data_root), ws.features_cache_dir,
+        run_id, settings, partition, chosen, server_state, dataset, options, Path(data_root), ws.features_cache_dir,
         device=target_device, progress=progress,
     )
     record_cross_dataset(paths.cross_dataset_csv, {

@@ -13,8 +13,8 @@ from pfedmoap_cli import api
 from pfedmoap_cli.errors import ArtifactError, ConfigError, StorageError, UserError
 
 STABLE = [
-    "partition", "train", "evaluate", "report", "method_names",
-    "PartitionResult", "TrainResult", "RoundScore", "EvaluationResult", "ReportResult",
+    "partition", "train", "evaluate", "evaluate_on_dataset", "report", "method_names",
+    "PartitionResult", "TrainResult", "RoundScore", "EvaluationResult", "CrossDatasetResult", "ReportResult",
     "UserError", "ConfigError", "DataError", "ArtifactError", "StorageError", "FederationError",
 ]
 PARTITION = dict(dataset="synthetic", clients=4, seed=1, pathological=True, shots=2, dataset_options={"train_per_class": 2, "test_per_class": 1})
@@ -26,7 +26,7 @@ def test_the_stable_surface():
     assert "stable import surface" in api.__doc__
     for name in STABLE:
         assert getattr(api, name).__doc__, name
-    for result in (api.PartitionResult, api.TrainResult, api.RoundScore, api.EvaluationResult, api.ReportResult):
+    for result in (api.PartitionResult, api.TrainResult, api.RoundScore, api.EvaluationResult, api.CrossDatasetResult, api.ReportResult):
         assert dataclasses.is_dataclass(result) and result.__dataclass_params__.frozen, result
     for function in (api.partition, api.train, api.report):  # keyword-only: the flags' names are the interface
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in inspect.signature(function).parameters.values()), function

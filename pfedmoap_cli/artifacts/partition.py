@@ -5,11 +5,18 @@ of the sample list it indexes into (so a changed dataset is refused rather
 than silently re-mapped), class names in label order, the scheme with all
 its parameters and seed, and per client the train/test sample indices, label
 histograms and domain. The sha256 of the file's bytes identifies it.
+
+A base-to-novel partition (PROTOCOL-MORE.md section 6) lists only the base
+classes (labels 0..m-1, m = ceil(C/2)) as its ``class_names``, so no novel
+name ever reaches training, and the others as ``novel_class_names``; its
+clients hold base-class samples only. Other partitions have no
+``novel_class_names`` key at all (their bytes are as they always were).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +52,26 @@ class Partition:
     scheme: str
     params: dict[str, Any]
     clients: tuple[PartitionClient, ...]
+    #: The dataset's classes after the base ones, in label order (base-to-novel partitions; empty otherwise).
+    novel_class_names: tuple[str, ...] = ()
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @property
+    def base_to_novel(self) -> bool:
+        """True for a base-to-novel partition (its clients train on the base classes only)."""
+        return bool(self.novel_class_names)
+
+    @property
+    def all_class_names(self) -> tuple[str, ...]:
+        """Every class of the dataset in label order (base, then novel)."""
+        return tuple(self.class_names) + tuple(self.novel_class_names)
+
     def to_json(self) -> dict[str, Any]:
         """The partition as a JSON-ready dictionary (schema-tagged)."""
-        return {
+        data = {
             "schema": PARTITION_SCHEMA,
             "dataset": self.dataset,
             "dataset_options": self.dataset_options,
@@ -72,6 +91,9 @@ class Partition:
                 for c in self.clients
             ],
         }
+        if self.novel_class_names:  # only then: other partitions keep their bytes and sha256
+            data["novel_class_names"] = list(self.novel_class_names)
+        return data
 
     def file_name(self) -> str:
         """``<dataset>-<scheme>-<hash8>.json``, the hash being that of the file's bytes."""
@@ -134,9 +156,12 @@ def class_name_problem(partition: Partition, dataset_class_names: Sequence[str])
     The partition's names become the prompts ("a photo of a <name>."), so a
     swapped or renamed name would train label k on another class's text while
     the sample hash (which covers the samples, not the partition's copy of
-    the names) still matches.
+    the names) still matches. A base-to-novel partition's base names must be
+    the dataset's first ceil(C/2) names and its novel names the rest.
     """
-    ours, theirs = tuple(partition.class_names), tuple(dataset_class_names)
+    ours, theirs = partition.all_class_names, tuple(dataset_class_names)
+    if partition.base_to_novel and ours == theirs and len(partition.class_names) != math.ceil(len(theirs) / 2):
+        return f"{len(partition.class_names)} base class names where the dataset's base classes are its first {math.ceil(len(theirs) / 2)}"
     if ours == theirs:
         return None
     if len(ours) != len(theirs):
@@ -158,6 +183,21 @@ def sample_index_problem(partition: Partition, split_sizes: dict[str, int]) -> s
             beyond = [i for i in getattr(client, split) if i >= size]
             if beyond:
                 return f"client {client.client_id} holds {split} sample {max(beyond)} but the dataset has {size} {split} samples"
+    return None
+
+
+def novel_sample_problem(partition: Partition, labels: dict[str, Sequence[int]]) -> str | None:
+    """The first client sample of a novel class in a base-to-novel partition, as a phrase, or ``None``.
+
+    ``labels`` maps ``"train"`` and ``"test"`` to the dataset's labels in
+    sample order. Clients of such a partition see base classes only.
+    """
+    base = len(partition.class_names)
+    for client in partition.clients:
+        for split in ("train", "test"):
+            novel = [i for i in getattr(client, split) if labels[split][i] >= base]
+            if novel:
+                return f"client {client.client_id} holds {split} sample {novel[0]} of novel class {labels[split][novel[0]]} (base classes are 0..{base - 1})"
     return None
 
 
@@ -183,6 +223,8 @@ def check_partition_matches_dataset(partition: Partition, source: Any) -> None:
     problem = class_name_problem(partition, source.class_names)
     if problem is None:
         problem = sample_index_problem(partition, {split: len(source.samples(split)) for split in ("train", "test")})
+    if problem is None and partition.base_to_novel:
+        problem = novel_sample_problem(partition, {split: [s.label for s in source.samples(split)] for split in ("train", "test")})
     if problem is not None:
         raise ArtifactError(f"the {partition.dataset} partition does not fit its dataset: {problem}; {fix}")
 
@@ -242,6 +284,9 @@ def partition_from_json(data: Any, path: Path) -> Partition:
         _require(isinstance(data.get(key), kind), path, f"'{key}' missing or not a {kind.__name__}")
     class_names = data["class_names"]
     _require(all(isinstance(n, str) for n in class_names) and class_names, path, "class_names")
+    novel_names = data.get("novel_class_names", [])
+    _require(isinstance(novel_names, list) and all(isinstance(n, str) for n in novel_names), path, "novel_class_names")
+    _require("novel_class_names" not in data or bool(novel_names), path, "novel_class_names is empty")
     clients = []
     for position, raw in enumerate(data["clients"]):
         _require(isinstance(raw, dict), path, f"client {position} is not an object")
@@ -275,6 +320,7 @@ def partition_from_json(data: Any, path: Path) -> Partition:
         scheme=data["scheme"],
         params=data["params"],
         clients=tuple(clients),
+        novel_class_names=tuple(novel_names),
     )
 
 

@@ -20,6 +20,8 @@ Examples:
 
   pfedmoap partition --dataset synthetic --iid --clients 3
 
+  pfedmoap partition --dataset synthetic --pathological --base-to-novel   # train on the first half of the classes
+
   pfedmoap partition --dataset imagefolder --data-root ~/my-images --dirichlet 0.3
 """
 
@@ -37,6 +39,14 @@ def partition(
         Optional[int], typer.Option("--clients-per-domain", metavar="N", help="Domain feature shift: split each domain over this many clients.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Partition seed (0 is a seed like any other).")] = 1,
+    base_to_novel: Annotated[
+        bool,
+        typer.Option(
+            "--base-to-novel",
+            help="Base-to-novel generalisation: clients get the first ceil(C/2) classes only (base); training runs then also "
+            "score every client on all base and all novel test images (local engine).",
+        ),
+    ] = False,
     option: Annotated[
         Optional[list[str]], typer.Option("--option", "-o", metavar="KEY=VALUE", help="Dataset option KEY=VALUE (e.g. seed=3 for synthetic); repeatable.")
     ] = None,
@@ -46,9 +56,12 @@ def partition(
         dataset=dataset, workspace=cli.workspace, data_root=cli.data_root, clients=clients, dirichlet=dirichlet,
         pathological=pathological, iid=iid, shots=shots, min_size=min_size, clients_per_domain=clients_per_domain, seed=seed,
         dataset_options=parse_key_values(option or [], "--option"),
+        base_to_novel=base_to_novel or None,  # unset: the dataset recipe's [partition] base_to_novel
     )
     sizes = result.train_sizes
     typer.echo(f"partition {result.path.name} ({result.scheme}, {result.num_clients} clients, {result.num_classes} classes)")
+    if result.base_to_novel:
+        typer.echo(f"  base-to-novel: clients hold the {result.num_classes} base classes; the other classes are novel (evaluation only)")
     typer.echo(f"  sha256 {result.sha256}")
     typer.echo(f"  train samples per client: min {min(sizes)}, max {max(sizes)}, total {sum(sizes)}")
     typer.echo(f"  written to {result.path} and made current")

@@ -161,7 +161,11 @@ def train(
     )
     settings, partition_path = resolve_run(ws, flags, config=config, partition=partition, run_id=run_id, resume=resume, device=device)
     if write_flower_app is not None:
+        from pfedmoap_cli.engine.runner import refuse_base_to_novel_on_flower
         from pfedmoap_cli.flower.app_dir import deployment_instructions, write_flower_app as write_app
+
+        if load_partition(partition_path)[0].base_to_novel:
+            refuse_base_to_novel_on_flower(partition_path)
 
         app_file = write_app(write_flower_app, ws, partition_path, settings, run_id or "", check_timeout(round_timeout))
         typer.echo(f"wrote the Flower app {app_file}")

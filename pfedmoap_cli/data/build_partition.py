@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,13 @@ class PartitionSettings:
     shots: int | None = None
     min_size: int = 2
     clients_per_domain: int | None = None
+    #: Base-to-novel generalisation (PROTOCOL-MORE.md section 6): the clients
+    #: get samples of the first ceil(C/2) classes only (the base classes); the
+    #: others (the novel classes) are kept for evaluation.
+    base_to_novel: bool = False
 
     def params(self) -> dict[str, Any]:
-        """The parameters recorded in the partition file."""
+        """The parameters recorded in the partition file (``base_to_novel`` only when set, so older files keep their bytes)."""
         params: dict[str, Any] = {"num_clients": self.num_clients, "seed": self.seed}
         if self.scheme == "dirichlet":
             params.update(alpha=self.alpha, min_size=self.min_size)
@@ -37,7 +42,14 @@ class PartitionSettings:
             params.update(shots=self.shots)
         if self.clients_per_domain is not None:
             params.update(clients_per_domain=self.clients_per_domain)
+        if self.base_to_novel:
+            params.update(base_to_novel=True)
         return params
+
+
+def base_class_count(num_classes: int) -> int:
+    """m = ceil(C / 2): the base classes of a base-to-novel split are labels 0..m-1, the novel ones m..C-1."""
+    return math.ceil(num_classes / 2)
 
 
 def _split(settings: PartitionSettings, train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int, num_clients: int, seed: int):
@@ -110,11 +122,25 @@ def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_
     train_labels = np.array([s.label for s in train], dtype=np.int64)
     test_labels = np.array([s.label for s in test], dtype=np.int64)
     num_classes = len(source.class_names)
+    # Positions of the samples the schemes split (all of them, or the base
+    # classes' only); the schemes return positions in these subsets, mapped
+    # back to the dataset's own sample indices below.
+    train_keep = np.arange(len(train), dtype=np.int64)
+    test_keep = np.arange(len(test), dtype=np.int64)
+    class_names = tuple(source.class_names)
+    novel_names: tuple[str, ...] = ()
+    if settings.base_to_novel:
+        if num_classes < 2:
+            raise ConfigError(f"dataset {source.name} has {num_classes} class; base-to-novel needs at least 2 classes, drop --base-to-novel")
+        num_classes = base_class_count(num_classes)
+        class_names, novel_names = class_names[:num_classes], class_names[num_classes:]
+        train_keep, test_keep = np.flatnonzero(train_labels < num_classes), np.flatnonzero(test_labels < num_classes)
+        train_labels, test_labels = train_labels[train_keep], test_labels[test_keep]
     if settings.clients_per_domain is not None:
         if not source.domains:
             raise ConfigError(f"dataset {source.name} has no domains; drop --clients-per-domain")
-        train_domains = [s.domain for s in train]
-        test_domains = [s.domain for s in test]
+        train_domains = [train[i].domain for i in train_keep]
+        test_domains = [test[i].domain for i in test_keep]
 
         def split_fn(train_idx, test_idx, count, domain_index):
             return _split(
@@ -129,8 +155,9 @@ def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_
     clients = tuple(
         PartitionClient(
             client_id=i,
-            train=tuple(int(x) for x in split.train),
-            test=tuple(int(x) for x in split.test),
+            # Subset positions are increasing in the dataset's index, so the tuples stay sorted.
+            train=tuple(int(train_keep[x]) for x in split.train),
+            test=tuple(int(test_keep[x]) for x in split.test),
             domain=split.domain,
             train_histogram=dict(Counter(int(train_labels[j]) for j in split.train)),
             test_histogram=dict(Counter(int(test_labels[j]) for j in split.test)),
@@ -139,14 +166,17 @@ def build_partition(source: DatasetSource, settings: PartitionSettings, dataset_
     )
     params = settings.params()
     params["num_clients"] = len(clients)
+    if settings.base_to_novel:
+        params["base_classes"] = num_classes
     result = Partition(
         dataset=source.name,
         dataset_options=dict(dataset_options),
         dataset_fingerprint=source.fingerprint(),
-        class_names=tuple(source.class_names),
+        class_names=class_names,
         scheme=scheme,
         params=params,
         clients=clients,
+        novel_class_names=novel_names,
     )
     # The schemes already refuse empty clients; this holds for every scheme,
     # present or future, and names the fix in this scheme's flags.

@@ -30,14 +30,15 @@ from typing import Any
 
 import torch
 
+from pfedmoap_cli.artifacts.partition import Partition
 from pfedmoap_cli.data.sources import open_dataset
 from pfedmoap_cli.engine.evaluation import score_client
-from pfedmoap_cli.engine.settings import TrainSettings, backbone_spec
+from pfedmoap_cli.engine.generalisation import method_for_class_names
+from pfedmoap_cli.engine.session import build_method
+from pfedmoap_cli.engine.settings import TrainSettings
 from pfedmoap_cli.errors import ConfigError
-from pfedmoap_cli.methods.base import FederatedMethod, LocalTraining, MethodEnv, RoundView, State, get_method
-from pfedmoap_cli.model.backbone import FrozenClip, load_backbone, resolve_device
+from pfedmoap_cli.methods.base import FederatedMethod, RoundView, State, get_method
 from pfedmoap_cli.model.features import cached_image_features
-from pfedmoap_cli.model.prompt import PromptTextEncoder
 
 #: The client id the "new client" is scored as (no client has a state in the view, so every id falls back alike).
 NEW_CLIENT = 0
@@ -58,26 +59,6 @@ class CrossDatasetScore:
     part: str
 
 
-def method_over_classes(settings: TrainSettings, class_names: list[str], num_clients: int, clip: FrozenClip) -> FederatedMethod:
-    """The run's method (same settings and options) built over ``class_names`` on the frozen ``clip``."""
-    from pfedmoap_cli.engine.session import method_options
-
-    method_cls = get_method(settings.method)
-    text_encoder = PromptTextEncoder(
-        clip, list(class_names), n_ctx=settings.n_ctx, init_phrase=settings.ctx_init or None, truncate=settings.truncate_prompts
-    ).to(clip.device)
-    env = MethodEnv(
-        clip=clip,
-        text_encoder=text_encoder,
-        class_names=tuple(class_names),
-        num_clients=num_clients,
-        training=LocalTraining(settings.local_epochs, settings.lr, settings.momentum, settings.weight_decay),
-        seed=settings.seed,
-        device=clip.device,
-    )
-    return method_cls(env, method_options(method_cls, settings.method_options))
-
-
 def transferable_part(method_cls: type[FederatedMethod]) -> str:
     """What of a run of ``method_cls`` is scored on another dataset, in words; ConfigError when nothing is."""
     part = method_cls.global_part
@@ -92,7 +73,7 @@ def transferable_part(method_cls: type[FederatedMethod]) -> str:
 def score_on_dataset(
     run_id: str,
     settings: TrainSettings,
-    num_clients: int,
+    partition: Partition,
     round_index: int,
     server_state: State,
     dataset: str,
@@ -109,8 +90,8 @@ def score_on_dataset(
     samples = source.samples("test")
     if not samples:
         raise ConfigError(f"dataset {dataset} has no test images under {data_root}; download it with 'pfedmoap download --dataset {dataset}'")
-    clip = load_backbone(backbone_spec(settings), device=device if device is not None else resolve_device(settings.device), amp=settings.amp)
-    method = method_over_classes(settings, list(source.class_names), num_clients, clip)
+    clip, trained = build_method(settings, partition, device)
+    method = method_for_class_names(trained, list(source.class_names))
     features = cached_image_features(
         clip,
         lambda i: source.load_image(samples[i]),

@@ -8,7 +8,9 @@ One round t (PROTOCOL.md sections 3 and 4):
    so the order in which clients run cannot change any number;
 3. the method aggregates the uploads into the new server state;
 4. every client is scored on its own test set (in the rounds ``--eval-every``
-   picks, and the last one; :mod:`pfedmoap_cli.engine.schedule`);
+   picks, and the last one; :mod:`pfedmoap_cli.engine.schedule`), and on a
+   base-to-novel partition also on all base and all novel test images
+   (:mod:`pfedmoap_cli.engine.generalisation`);
 5. metrics rows, the server checkpoint and the checkpoints of the clients
    whose state changed in the round are written, then the round's manifest
    (hashes of those files, where every client's latest state lies, its metric
@@ -31,6 +33,7 @@ from pfedmoap_cli.engine.batched_round import train_participants
 from pfedmoap_cli.engine.client_data import ClientTrainImages, epoch_batches, ordered_batches
 from pfedmoap_cli.engine.decoded_batches import decoded_epoch_batches
 from pfedmoap_cli.engine.evaluation import ClientScore, score_client
+from pfedmoap_cli.engine.generalisation import GeneralisationScorer
 from pfedmoap_cli.engine.recorder import RunRecorder, to_device
 from pfedmoap_cli.engine.retention import refuse_deleted_round
 from pfedmoap_cli.engine.run_record import completed_rounds, mark_round_complete
@@ -72,6 +75,12 @@ class Federation:
         self.train_transform = session.clip.train_transform()
         self.test_transform = session.clip.test_transform()
         self.recorder = RunRecorder(run_id, self.settings, self.partition, session.partition_sha256, paths)
+        # Base-to-novel partitions: every evaluated round also scores all base and novel test images.
+        self.generalisation = (
+            GeneralisationScorer(self.method, self.partition.novel_class_names, session.test_labels, self.settings.eval_batch_size)
+            if self.partition.base_to_novel
+            else None
+        )
         clip = session.clip
         # The tensor pipeline's augmentation, built once (not per client job).
         self.tensor_augment = (
@@ -174,7 +183,19 @@ class Federation:
     # ---- evaluation ------------------------------------------------------
     def evaluate(self, view: RoundView) -> list[ClientScore]:
         """Score every client on its own test set."""
-        return self.score_clients(self.method.evaluator(view), range(self.num_clients))
+        return self.evaluate_round(view)[0]
+
+    def evaluate_round(self, view: RoundView) -> tuple[list[ClientScore], dict[str, list[ClientScore]]]:
+        """Every client's scores on its own test set, and (base-to-novel runs) by generalisation split.
+
+        The second item maps ``"base"`` and ``"novel"`` to every client's
+        score (empty for other runs); one evaluator serves both.
+        """
+        evaluator = self.method.evaluator(view)
+        scores = self.score_clients(evaluator, range(self.num_clients))
+        if self.generalisation is None:
+            return scores, {}
+        return scores, self.generalisation.score(view, evaluator, self.session.test_features, range(self.num_clients))
 
     def score_clients(self, evaluator: ClientEvaluator, client_ids) -> list[ClientScore]:
         """Score the given clients on their own test sets with ``evaluator``."""
@@ -196,9 +217,15 @@ class Federation:
             )
         return scores
 
-    def metric_rows(self, round_index: int, scores: list[ClientScore], results: Mapping[int, ClientResult]) -> list[MetricRow]:
-        """Long-format rows for one round: test metrics of all, train metrics of participants."""
-        return self.recorder.metric_rows(round_index, scores, results)
+    def metric_rows(
+        self,
+        round_index: int,
+        scores: list[ClientScore],
+        results: Mapping[int, ClientResult],
+        generalisation: Mapping[str, list[ClientScore]] | None = None,
+    ) -> list[MetricRow]:
+        """Long-format rows for one round: test metrics of all, base/novel scores, train metrics of participants."""
+        return self.recorder.metric_rows(round_index, scores, results, generalisation=generalisation or {})
 
     # ---- the loop --------------------------------------------------------
     def run(self, stop_after: int | None = None, on_round: Callable[[RoundSummary], None] | None = None) -> int:
@@ -251,8 +278,8 @@ class Federation:
             new_client_states = self.personalize(round_index, new_server_state, new_client_states)
         view = RoundView(round_index, frozenset(participants), start_state, new_server_state, new_client_states)
         evaluated = is_evaluated_round(round_index, self.settings.rounds, self.settings.eval_every)
-        scores = self.evaluate(view) if evaluated else []
-        rows = self.metric_rows(round_index, scores, results)
+        scores, generalisation = self.evaluate_round(view) if evaluated else ([], {})
+        rows = self.metric_rows(round_index, scores, results, generalisation)
         append_metrics(self.paths.metrics_csv, rows)
         # A state object that was replaced this round changed; the others are on disk already.
         changed = {c: state for c, state in new_client_states.items() if state is not client_states.get(c)}
@@ -284,4 +311,6 @@ class Federation:
         start_state = self.recorder.load_server_state(round_index - 1, device) if round_index > 0 else self.initial_state()
         participants = sample_clients(self.num_clients, self.settings.frac, self.settings.seed, round_index) if self.method.trains else []
         view = RoundView(round_index, frozenset(participants), start_state, server_state, client_states)
-        return self.metric_rows(round_index, self.evaluate(view), {})
+        # Base-to-novel runs re-score base and novel too, as training scored them.
+        scores, generalisation = self.evaluate_round(view)
+        return self.metric_rows(round_index, scores, {}, generalisation)

@@ -69,14 +69,24 @@ class RunRecorder:
         results: Mapping[int, ClientResult],
         missing_train: Iterable[int] = (),
         missing_test: Iterable[int] = (),
+        generalisation: Mapping[str, Iterable[ClientScore]] | None = None,
     ) -> list[MetricRow]:
-        """Rows for one round: test metrics of every client scored, train metrics of participants, missing clients."""
+        """Rows for one round: test metrics of every client scored, train metrics of participants, missing clients.
+
+        ``generalisation`` maps a split (``"base"``, ``"novel"``) to every
+        client's score on it (base-to-novel runs); each gives an accuracy and
+        a loss row, after the test rows.
+        """
         rows = []
         for score in scores:
             rows.append(self.row(round_index, score.client_id, "test", "accuracy", score.accuracy, score.num_examples))
             rows.append(self.row(round_index, score.client_id, "test", "loss", score.loss, score.num_examples))
             for name, value in sorted(score.extra.items()):
                 rows.append(self.row(round_index, score.client_id, "test", name, value, score.num_examples))
+        for split, split_scores in (generalisation or {}).items():
+            for score in split_scores:
+                rows.append(self.row(round_index, score.client_id, split, "accuracy", score.accuracy, score.num_examples))
+                rows.append(self.row(round_index, score.client_id, split, "loss", score.loss, score.num_examples))
         for client_id in sorted(results):
             result = results[client_id]
             rows.append(self.row(round_index, client_id, "train", "loss", result.train_loss, result.num_examples))

@@ -15,7 +15,7 @@ from pfedmoap_cli.engine.run_record import prepare_resume, progress_note, remove
 from pfedmoap_cli.engine.session import open_session
 from pfedmoap_cli.engine.settings import TrainSettings, default_run_id
 from pfedmoap_cli.engine.workspace import RunPaths, Workspace
-from pfedmoap_cli.errors import ArtifactError
+from pfedmoap_cli.errors import ArtifactError, ConfigError
 
 
 class IfExists(str, Enum):
@@ -118,13 +118,32 @@ def execute_run(
         ``if_exists`` is RESUME, or its partition changed since it started.
     RunInUse
         Another process is training this run (its lock is held).
+    ConfigError
+        A base-to-novel partition on a runtime other than the local one (its
+        base and novel scores are the local engine's).
     """
     partition, partition_sha = load_partition(partition_path)
+    if partition.base_to_novel and runtime is not None and not isinstance(runtime, LocalRuntime):
+        refuse_base_to_novel_on_flower(Path(partition_path))
     run_id = run_id or default_run_id(settings, partition.dataset, partition_sha)
     with RunLock(workspace.locks_dir, run_id):
         paths = RunPaths(workspace.run_dir(run_id))
         job = RunJob(workspace, Path(data_root), settings, Path(partition_path), partition, partition_sha, run_id, paths, progress)
         return _execute_locked(job, if_exists, stop_after, runtime or LocalRuntime(), tuple(observers or ()))
+
+
+def refuse_base_to_novel_on_flower(partition_path: Path) -> None:
+    """Refuse to train a base-to-novel partition on Flower: its base/novel scores are computed by the local engine.
+
+    Raises
+    ------
+    ConfigError
+        Always, naming the partition and the fix.
+    """
+    raise ConfigError(
+        f"partition {partition_path.name} is base-to-novel and base-to-novel evaluation runs on the local engine; "
+        "drop --engine flower (or train on a partition made without --base-to-novel)"
+    )
 
 
 def _open_observers(job: RunJob, done: int, observers: Sequence[RunObserver]) -> list[RoundObserver]:

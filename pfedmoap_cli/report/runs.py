@@ -4,14 +4,21 @@ A run whose metrics cannot be trusted (a torn or garbage line, or rows that
 do not cover every client of every complete round) is left out with one
 warning naming it and the fix: averaging it over fewer clients or rounds
 would put a number in the report that no run produced.
+
+Runs of a base-to-novel partition (rows of split "base" and "novel",
+PROTOCOL-MORE.md section 6) get five more columns: Local (the usual mean
+client test accuracy), Base, Novel, HM (harmonic mean of Base and Novel) and
+HM3 (of Local, Base and Novel); other runs leave them empty, and a report
+without such runs has none of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import pandas as pd
 
@@ -36,6 +43,10 @@ RUN_SUMMARY_COLUMNS = [
     "max_client_acc",
     "clients",
 ]
+#: The splits of base-to-novel scores (:mod:`pfedmoap_cli.engine.generalisation`).
+GENERALISATION_SPLITS = ("base", "novel")
+#: Columns added to the run listing when some run has base/novel rows (percent).
+GENERALISATION_COLUMNS = ["local_acc", "base_acc", "novel_acc", "hm", "hm3"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,28 @@ class RunSummary:
     min_client_acc: float
     max_client_acc: float
     clients: int
+    #: Base-to-novel runs (percent, final round, mean over clients): Local (= final_mean_acc),
+    #: Base, Novel, HM (two-way, Base and Novel) and HM3 (three-way); None otherwise
+    #: (novel, hm and hm3 also None for a method that records no novel scores).
+    local_acc: float | None = None
+    base_acc: float | None = None
+    novel_acc: float | None = None
+    hm: float | None = None
+    hm3: float | None = None
+
+
+def harmonic_mean(values: Iterable[float]) -> float:
+    """The harmonic mean ``n / sum(1 / v)`` of non-negative values (0 when any is 0)."""
+    values = [float(v) for v in values]
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def _final_split_mean(metrics: pd.DataFrame, split: str, last_round: int) -> float | None:
+    """Mean over clients of ``split``'s accuracy in ``last_round`` (percent), None without such rows."""
+    rows = metrics[(metrics["split"] == split) & (metrics["metric"] == "accuracy") & (metrics["round"] == last_round)]
+    return None if rows.empty else 100 * float(rows["value"].mean())
 
 
 def summarize_metrics(metrics: pd.DataFrame) -> RunSummary:
@@ -71,6 +104,10 @@ def summarize_metrics(metrics: pd.DataFrame) -> RunSummary:
     final = acc[acc["round"] == last_round]
     weighted = float((final["value"] * final["num_examples"]).sum() / final["num_examples"].sum())
     first = acc.iloc[0]
+    local = 100 * float(per_round.iloc[-1])
+    base = _final_split_mean(metrics, "base", last_round)
+    novel = _final_split_mean(metrics, "novel", last_round) if base is not None else None
+    both = base is not None and novel is not None
     return RunSummary(
         run_id=str(first["run_id"]),
         method=str(first["method"]),
@@ -83,6 +120,11 @@ def summarize_metrics(metrics: pd.DataFrame) -> RunSummary:
         min_client_acc=100 * float(final["value"].min()),
         max_client_acc=100 * float(final["value"].max()),
         clients=int(final["client_id"].nunique()),
+        local_acc=local if base is not None else None,
+        base_acc=base,
+        novel_acc=novel,
+        hm=harmonic_mean([base, novel]) if both else None,
+        hm3=harmonic_mean([local, base, novel]) if both else None,
     )
 
 
@@ -128,7 +170,11 @@ def read_metrics_checked(path: Path) -> pd.DataFrame:
 
 
 def incomplete_reason(
-    frame: pd.DataFrame, completed_rounds: int | None, num_clients: int | None, evaluated: Callable[[int], bool] | None = None
+    frame: pd.DataFrame,
+    completed_rounds: int | None,
+    num_clients: int | None,
+    evaluated: Callable[[int], bool] | None = None,
+    required_splits: Iterable[str] = (),
 ) -> str | None:
     """Why a run's rows do not cover every client of every complete round, or ``None`` when they do.
 
@@ -146,12 +192,17 @@ def incomplete_reason(
     evaluated:
         Which complete rounds scored their clients (``--eval-every``); the
         others have no test rows. ``None``: every round.
+    required_splits:
+        Base-to-novel splits (``"base"``, ``"novel"``) the run must have even
+        when no row of them is present; a split with any row is checked anyway.
 
     Notes
     -----
     In a complete evaluated round each client has exactly one test ``accuracy`` row or
     a test ``missing`` row (a client that could not be scored is recorded as
     such). Anything less would make the round's mean one over fewer clients.
+    The same holds for the ``base`` and ``novel`` accuracy rows of a
+    base-to-novel run, in the rounds with test rows.
     """
     test = frame[frame["split"] == "test"]
     if completed_rounds is not None:
@@ -175,6 +226,28 @@ def incomplete_reason(
             return f"round {r} has no test accuracy (and no 'missing' row) for client(s) {', '.join(map(str, lacking[:5]))}"
         if extra:
             return f"round {r} has rows of client(s) {', '.join(map(str, extra[:5]))}, not in its partition of {num_clients} clients"
+    present = set(frame.loc[frame["split"].isin(GENERALISATION_SPLITS), "split"])
+    for split in [s for s in GENERALISATION_SPLITS if s in present or s in set(required_splits)]:
+        reason = _split_incomplete(frame, split, rounds, expected, missing, completed_rounds)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _split_incomplete(frame: pd.DataFrame, split: str, rounds, expected: set, missing: pd.DataFrame, completed_rounds: int | None) -> str | None:
+    """Why ``split``'s accuracy rows do not cover every client of every evaluated round (None when they do)."""
+    rows = frame[(frame["split"] == split) & (frame["metric"] == "accuracy")]
+    if completed_rounds is not None:
+        rows = rows[rows["round"] < completed_rounds]
+    twice = rows.duplicated(["round", "client_id"])
+    if twice.any():
+        row = rows[twice].iloc[0]
+        return f"client {int(row['client_id'])} has two {split} accuracy rows in round {int(row['round'])}"
+    for r in rounds:
+        have = set(rows.loc[rows["round"] == r, "client_id"]) | set(missing.loc[missing["round"] == r, "client_id"])
+        lacking = sorted(expected - have)
+        if lacking:
+            return f"round {r} has no {split} accuracy for client(s) {', '.join(map(str, lacking[:5]))} (a base-to-novel run scores every client on base and novel)"
     return None
 
 
@@ -187,8 +260,8 @@ def _run_record(run_dir: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def run_num_clients(run_dir: Path) -> int | None:
-    """Clients of the run's partition (from run.json's partition file), or None when it cannot be read."""
+def _run_partition(run_dir: Path):
+    """The run's partition (from run.json's partition file), or None when it cannot be read."""
     from pfedmoap_cli.artifacts.partition import load_partition
 
     record = _run_record(run_dir)
@@ -198,9 +271,36 @@ def run_num_clients(run_dir: Path) -> int | None:
     # Newer run records store the path relative to the workspace (two levels above runs/<id>).
     path = stored if stored.is_absolute() else Path(run_dir).parent.parent / stored
     try:
-        return load_partition(path)[0].num_clients
+        return load_partition(path)[0]
     except UserError:
         return None
+
+
+def run_num_clients(run_dir: Path) -> int | None:
+    """Clients of the run's partition (from run.json's partition file), or None when it cannot be read."""
+    partition = _run_partition(run_dir)
+    return None if partition is None else partition.num_clients
+
+
+def run_required_splits(run_dir: Path) -> tuple[str, ...]:
+    """The base-to-novel splits every evaluated round of the run must have (none for other runs).
+
+    "base" for a run of a base-to-novel partition; "novel" too unless its
+    method records none (``label_set_free`` False; a method that cannot be
+    looked up is held to the rows present).
+    """
+    partition = _run_partition(run_dir)
+    if partition is None or not partition.base_to_novel:
+        return ()
+    record = _run_record(run_dir) or {}
+    method = (record.get("settings") or {}).get("method") if isinstance(record.get("settings"), dict) else None
+    try:
+        from pfedmoap_cli.methods.base import get_method
+
+        free = bool(get_method(str(method)).label_set_free)
+    except UserError:
+        free = False
+    return ("base", "novel") if free else ("base",)
 
 
 def run_evaluated_rounds(run_dir: Path) -> Callable[[int], bool] | None:
@@ -258,7 +358,7 @@ def checked_run_metrics(run_dir: Path, completed: int | None = None) -> tuple[pd
     from pfedmoap_cli.engine.run_record import metrics_problem
     from pfedmoap_cli.engine.workspace import RunPaths
 
-    reason = incomplete_reason(frame, completed, run_num_clients(run_dir), run_evaluated_rounds(run_dir))
+    reason = incomplete_reason(frame, completed, run_num_clients(run_dir), run_evaluated_rounds(run_dir), run_required_splits(run_dir))
     if reason is None and any(run_dir.glob(f"checkpoints/round-*/{MANIFEST_NAME}")):
         # Rows that are all there can still have been edited: runs sealed by
         # round manifests are compared with the rows each manifest recorded.
@@ -286,7 +386,10 @@ def summarize_runs(runs_dir: Path, warn: Callable[[str], None] | None = None) ->
             continue
         if not frame.empty and ((frame["split"] == "test") & (frame["metric"] == "accuracy")).any():
             rows.append(summarize_metrics(frame).__dict__)
-    return pd.DataFrame(rows, columns=RUN_SUMMARY_COLUMNS)
+    generalisation = any(row["base_acc"] is not None for row in rows)
+    # Only a workspace with base-to-novel runs gets their columns: other listings stay as they were.
+    columns = RUN_SUMMARY_COLUMNS + GENERALISATION_COLUMNS if generalisation else RUN_SUMMARY_COLUMNS
+    return pd.DataFrame(rows, columns=columns)
 
 
 def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
@@ -295,6 +398,10 @@ def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     lines = [header, rule]
     for _, row in table.iterrows():
-        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row]
+        # A base-to-novel column of a run without that score (another run, or no novel rows) is left blank.
+        cells = [
+            "" if name in GENERALISATION_COLUMNS and isinstance(v, float) and math.isnan(v) else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+            for name, v in zip(table.columns, row)
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
