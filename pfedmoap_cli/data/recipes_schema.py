@@ -32,7 +32,7 @@ from pfedmoap_cli.data.resources import Resource, split_checksum
 DATASET_KEYS = {"name", "paper", "classes", "class_names", "domains", "layout", "splits", "sources", "notes"}
 REQUIRED_DATASET_KEYS = {"name", "classes", "layout", "splits"}
 SOURCE_KEYS = {"file", "url", "checksum", "manual", "note"}
-PARTITION_KEYS = {"scheme", "clients", "shots", "alpha", "min_size", "clients_per_domain", "dataset_options"}
+PARTITION_KEYS = {"scheme", "clients", "shots", "alpha", "min_size", "clients_per_domain", "dataset_options", "base_to_novel"}
 SCHEMES = {"iid", "dirichlet", "pathological"}
 
 
@@ -74,6 +74,9 @@ def check_recipe(name: str, recipe: dict[str, Any]) -> list[str]:
         problems.append(f"{name}: [partition] has unknown key {key!r}")
     if "scheme" in partition and partition["scheme"] not in SCHEMES:
         problems.append(f"{name}: [partition] scheme {partition['scheme']!r} is not one of {sorted(SCHEMES)}")
+    if "base_to_novel" in partition and not isinstance(partition["base_to_novel"], bool):
+        # TOML has booleans; a string "true" or a 1 is a typo that would otherwise read as true.
+        problems.append(f"{name}: [partition] base_to_novel must be true or false, got {partition['base_to_novel']!r}")
     return problems
 
 

@@ -146,8 +146,17 @@ def record_partitions(ws: Workspace, recipe: TableRecipe, chosen: Mapping[tuple[
 
 
 def partition_matches(partition: Partition, spec: DatasetSpec, partition_seed: int) -> bool:
-    """Whether ``partition`` was made with the table's settings for ``spec`` and seed ``partition_seed``."""
+    """Whether ``partition`` was made with the table's settings for ``spec`` and seed ``partition_seed``.
+
+    The base-to-novel option is compared on its own: a base-to-novel partition
+    and a plain one with the same scheme, clients and seed are different
+    partitions (the base-to-novel one also records its ``base_classes``, which
+    depends on the dataset, not on the recipe).
+    """
+    if bool(partition.params.get("base_to_novel", False)) != spec.partition.base_to_novel:
+        return False
     expected = spec.partition.settings(partition_seed).params()
+    expected.pop("base_to_novel", None)  # compared above (params() records it only when true)
     if spec.partition.clients_per_domain is not None:
         expected.pop("num_clients")
     params = {k: v for k, v in partition.params.items() if k in expected}

@@ -40,18 +40,32 @@ def _has_paper(report: TableReport) -> bool:
     return report.recipe.compare_paper
 
 
+#: What a cell prints when its column does not apply to its row (no novel rows); the footnote says why.
+NOT_APPLICABLE = "n/a"
+
+
 def _column_label(report: TableReport, column: Column) -> str:
-    if report.recipe.per_domain and len(report.recipe.datasets) > 1:
+    if report.recipe.generalisation or (report.recipe.per_domain and len(report.recipe.datasets) > 1):
         return f"{report.recipe.dataset(column.dataset).label} {column.label}"
     return column.label
 
 
 def stats_note(report: TableReport) -> str:
     seeds = ", ".join(str(s) for s in report.recipe.seeds)
-    text = (
-        f"ours: mean ± sample std (ddof={STD_DDOF}) over seeds {seeds} of each run's last-round mean client test accuracy (%), "
-        "finished runs only"
-    )
+    if report.recipe.generalisation:
+        text = (
+            f"ours: mean ± sample std (ddof={STD_DDOF}) over seeds {seeds} of each run's last-round values (%), finished runs only: "
+            "Local = mean over clients of each client's accuracy on its own (base) classes' test images; "
+            "Base = mean over clients of the accuracy over all base classes' test images (base-way classifier); "
+            "Novel = the same over the novel classes (novel-way classifier); "
+            "HM = 2·Base·Novel/(Base+Novel), the two-way harmonic mean (CoCoOp's, the default); "
+            "HM3 = 3/(1/Local+1/Base+1/Novel), the three-way harmonic mean (FedTPG's); both computed per run, then averaged"
+        )
+    else:
+        text = (
+            f"ours: mean ± sample std (ddof={STD_DDOF}) over seeds {seeds} of each run's last-round mean client test accuracy (%), "
+            "finished runs only"
+        )
     if _has_paper(report):
         text += "; paper: as reported; Δ = ours − paper (points)"
     return text + "; bold: our best per column."
@@ -72,10 +86,43 @@ def partition_lines(report: TableReport) -> list[str]:
     return lines
 
 
+def not_applicable_lines(report: TableReport) -> list[str]:
+    """The footnote of the "n/a" cells: which rows, which columns, and why."""
+    recipe = report.recipe
+    lines = []
+    for row in recipe.rows:
+        columns = [c for c in recipe.columns() if report.cell(row.key, c).not_applicable]
+        if not columns:
+            continue
+        names = ", ".join(dict.fromkeys(c.label for c in columns))
+        datasets = ", ".join(dict.fromkeys(recipe.dataset(c.dataset).label for c in columns))
+        lines.append(
+            f"{NOT_APPLICABLE}: {row.label} ({names}; {datasets}): its finished runs record no novel-class accuracy "
+            f"({_why_no_novel(row.method)}), so Novel and the harmonic means do not exist for it"
+        )
+    return lines
+
+
+def _why_no_novel(method: str) -> str:
+    """Why a method's runs have no novel-class scores, as its registration says (``label_set_free``)."""
+    from pfedmoap_cli.errors import UserError
+    from pfedmoap_cli.methods.base import get_method
+
+    try:
+        free = getattr(get_method(method), "label_set_free", True)
+    except UserError:
+        return f"method {method} is not available in this version to say why"
+    if not free:
+        return f"{method}'s state is tied to the classes it trained on, so it cannot score new class names"
+    return f"{method} scores new class names, but these runs wrote no novel rows: they may predate base-to-novel scoring"
+
+
 def _progress_lines(report: TableReport) -> list[str]:
     recipe = report.recipe
-    total = len(report.cells)
-    lines = [f"{report.complete_cells}/{total} cells complete."]
+    # Cells that do not apply to their row (no novel rows) have nothing left to run.
+    not_applicable = sum(c.not_applicable for c in report.cells.values())
+    total = len(report.cells) - not_applicable
+    lines = [f"{report.complete_cells}/{total} cells complete" + (f" ({not_applicable} not applicable)." if not_applicable else ".")]
     if report.complete_cells < total:
         lines[0] += f" Fill the rest with 'pfedmoap sweep --table {recipe.name}' ('--dry-run' lists them)."
     return lines + partition_lines(report)
@@ -99,6 +146,8 @@ def to_markdown(report: TableReport) -> str:
             if cell.complete:
                 ours = _pm(cell.mean, cell.std, " ± ")
                 cells.append(f"**{ours}**" if row.key in best[column] else ours)
+            elif cell.not_applicable:
+                cells.append(NOT_APPLICABLE)
             else:
                 cells.append(cell.missing_text())
             if paper:
@@ -107,7 +156,10 @@ def to_markdown(report: TableReport) -> str:
     if recipe.note:
         lines += ["", f"**Note.** {recipe.note}"]
     # Whether the std includes the partition's variance depends on this, so it is stated with the numbers.
-    lines += ["", stats_note(report), "", f"{recipe.partition_mode()}."]
+    lines += ["", stats_note(report)]
+    for line in not_applicable_lines(report):
+        lines += ["", f"{line}."]
+    lines += ["", f"{recipe.partition_mode()}."]
     lines += [""] + [f"- {line}" for line in _progress_lines(report)]
     return "\n".join(lines) + "\n"
 
@@ -167,6 +219,7 @@ def to_latex(report: TableReport) -> str:
     ]
     if recipe.note:
         lines.append(f"% Note: {latex_escape(recipe.note)}")
+    lines += [f"% {latex_escape(line)}" for line in not_applicable_lines(report)]
     lines.append("\\begin{tabular}{l" + "r" * (per * len(columns)) + "}")
     lines.append("\\toprule")
     if paper:
@@ -185,6 +238,8 @@ def to_latex(report: TableReport) -> str:
             if cell.complete:
                 ours = _pm(cell.mean, cell.std, _TEX_PM)
                 cells.append(f"$\\mathbf{{{ours}}}$" if row.key in best[column] else f"${ours}$")
+            elif cell.not_applicable:
+                cells.append(NOT_APPLICABLE)
             else:
                 cells.append(f"\\textit{{{latex_escape(cell.missing_text())}}}")
             if paper:

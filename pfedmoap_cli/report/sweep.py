@@ -158,9 +158,11 @@ def _build_one(recipe: TableRecipe, spec: DatasetSpec, source: DatasetSource, se
                 f"{', '.join(spec.domains)}; fix the recipe's domains"
             )
     if not partition_matches(partition, spec, seed):
+        got = ", base-to-novel" if partition.params.get("base_to_novel") else ""
+        asked = ", base-to-novel" if spec.partition.base_to_novel else ""
         raise ConfigError(
-            f"the {spec.name} partition came out with {partition.num_clients} clients ({partition.scheme}), "
-            f"not the {spec.partition.clients} that table recipe {recipe.path} asks for; fix its partition settings"
+            f"the {spec.name} partition came out with {partition.num_clients} clients ({partition.scheme}{got}), "
+            f"not the {spec.partition.clients}{asked} that table recipe {recipe.path} asks for; fix its partition settings"
         )
     check_no_empty_clients(partition, "fix the table recipe's partition settings")
     return partition

@@ -16,7 +16,8 @@ Format (keys not listed here are errors)::
     partition_seed = "run"       # optional; "run" (the default when absent): one partition per
                                  # (dataset entry, seed), built with that seed; an integer N: one
                                  # partition per dataset entry, built with seed N, for every seed
-    columns = "datasets"         # or "domains": one column per domain + "avg"
+    columns = "datasets"         # or "domains": one column per domain + "avg"; or "base-to-novel":
+                                 # Local, Base, Novel, HM, HM3 per dataset (every partition base_to_novel)
     note = "..."                 # optional, printed under the table
     compare_paper = true         # paper/Δ columns (n/a where [paper] has no value); false for tables the paper lacks
 
@@ -41,11 +42,14 @@ Format (keys not listed here are errors)::
 
     [paper.pfedmoap-lam0]                     # row key -> dataset key -> value
     flowers102 = [97.61, 0.11]                # [mean, std] or a bare mean, in %
-    # domain tables: [paper.<row>.<dataset>] with one value per domain and "avg"
+    # domain tables: [paper.<row>.<dataset>] with one value per domain and "avg";
+    # base-to-novel tables: one value per column key (local, base, novel, hm, hm3)
 
 ``partition`` keys: ``scheme`` (iid, dirichlet, pathological), ``clients``,
 ``alpha``, ``shots``, ``min_size``, ``clients_per_domain``,
-``dataset_options`` (passed to the dataset source, e.g. synthetic sizes).
+``dataset_options`` (passed to the dataset source, e.g. synthetic sizes),
+``base_to_novel`` (true: clients train on the first ceil(C / 2) classes only,
+PROTOCOL-MORE.md section 6; runs then also record base and novel accuracy).
 
 Partitions follow the run seed by default, as the reference implementation
 draws its few-shot samples and Dirichlet splits per seed: a cell's mean +- std
@@ -70,7 +74,13 @@ AVG = "avg"
 #: ``[table] partition_seed`` value (and the default) for one partition per run seed.
 PARTITION_SEED_RUN = "run"
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-_COLUMN_KINDS = ("datasets", "domains")
+#: ``[table] columns`` value for the generalisation tables (PROTOCOL-MORE.md section 6).
+BASE_TO_NOVEL = "base-to-novel"
+_COLUMN_KINDS = ("datasets", "domains", BASE_TO_NOVEL)
+#: The column keys of a base-to-novel table, per dataset entry, with their labels:
+#: Local (own classes), Base, Novel, HM (two-way, base/novel) and HM3 (three-way, local/base/novel).
+LOCAL, BASE, NOVEL, HM, HM3 = "local", "base", "novel", "hm", "hm3"
+GENERALISATION_COLUMNS = ((LOCAL, "Local"), (BASE, "Base"), (NOVEL, "Novel"), (HM, "HM"), (HM3, "HM3"))
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class PartitionSpec:
     min_size: int = 2
     clients_per_domain: int | None = None
     dataset_options: Mapping[str, Any] = field(default_factory=dict)
+    base_to_novel: bool = False
 
     def settings(self, seed: int) -> PartitionSettings:
         """The :class:`PartitionSettings` of this spec, built with partition seed ``seed``."""
@@ -103,6 +114,7 @@ class PartitionSpec:
             shots=self.shots,
             min_size=self.min_size,
             clients_per_domain=self.clients_per_domain,
+            base_to_novel=self.base_to_novel,  # recorded in the partition file only when true
         )
 
     @property
@@ -163,6 +175,7 @@ class TableRecipe:
     datasets: tuple[DatasetSpec, ...]
     rows: tuple[RowSpec, ...]
     paper: Mapping[tuple[str, str, str], PaperValue]
+    generalisation: bool = False  # columns = "base-to-novel": Local, Base, Novel, HM, HM3 per dataset entry
 
     @property
     def stem(self) -> str:
@@ -203,6 +216,8 @@ class TableRecipe:
                 continue
             if self.per_domain:
                 columns += [Column(spec.key, d, d) for d in spec.domains] + [Column(spec.key, AVG, "Avg")]
+            elif self.generalisation:
+                columns += [Column(spec.key, key, label) for key, label in GENERALISATION_COLUMNS]
             else:
                 columns.append(Column(spec.key, spec.key, spec.label))
         return columns
@@ -293,7 +308,7 @@ def _paper_value(path: Path, where: str, value: Any) -> PaperValue:
 
 def _partition(path: Path, where: str, raw: Any) -> PartitionSpec:
     raw = _table(path, where, raw)
-    allowed = {"scheme", "clients", "alpha", "shots", "min_size", "clients_per_domain", "dataset_options"}
+    allowed = {"scheme", "clients", "alpha", "shots", "min_size", "clients_per_domain", "dataset_options", "base_to_novel"}
     _check_keys(path, where, raw, allowed, {"scheme", "clients"})
     scheme = _str(path, f"{where}.scheme", raw["scheme"])
     if scheme not in SCHEMES:
@@ -313,6 +328,9 @@ def _partition(path: Path, where: str, raw: Any) -> PartitionSpec:
     per_domain = raw.get("clients_per_domain")
     if per_domain is not None:
         per_domain = _int(path, f"{where}.clients_per_domain", per_domain, 1)
+    base_to_novel = raw.get("base_to_novel", False)
+    if not isinstance(base_to_novel, bool):
+        raise _fail(path, f"{where}.base_to_novel must be true or false, got {base_to_novel!r}")
     return PartitionSpec(
         scheme=scheme,
         clients=_int(path, f"{where}.clients", raw["clients"], 1),
@@ -321,6 +339,7 @@ def _partition(path: Path, where: str, raw: Any) -> PartitionSpec:
         min_size=_int(path, f"{where}.min_size", raw.get("min_size", 2), 1),
         clients_per_domain=per_domain,
         dataset_options=dict(_table(path, f"{where}.dataset_options", raw.get("dataset_options", {}))),
+        base_to_novel=base_to_novel,
     )
 
 
@@ -343,6 +362,7 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
     if columns not in _COLUMN_KINDS:
         raise _fail(path, f"[table] columns must be one of {', '.join(_COLUMN_KINDS)}, got {columns!r}")
     per_domain = columns == "domains"
+    generalisation = columns == BASE_TO_NOVEL
     train = _check_train(path, "[train]", data.get("train", {}))
     if "method" in train or "method_options" in train:
         raise _fail(path, "[train] sets method or method_options; they belong to [[rows]]")
@@ -376,6 +396,8 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
                     f"{where}.partition.clients is {part.clients}, but {len(domains)} domains x {part.clients_per_domain} clients per domain "
                     f"= {len(domains) * part.clients_per_domain}",
                 )
+        if generalisation and not part.base_to_novel:
+            raise _fail(path, f"{where}.partition needs base_to_novel = true (the table has base-to-novel columns)")
         train_ds = _check_train(path, f"{where}.train", raw.get("train", {}))
         if "method" in train_ds or "method_options" in train_ds:
             raise _fail(path, f"{where}.train sets method or method_options; they belong to [[rows]]")
@@ -422,9 +444,10 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
             if spec is None:
                 raise _fail(path, f"[paper.{row_key}] names dataset {ds_name!r}, which is not a dataset key of [[datasets]]")
             where = f"[paper.{row_key}] {ds_name}"
-            if per_domain:
-                known = [*spec.domains, AVG]
-                for column, cell in _table(path, f"{where} (one value per domain and avg)", value).items():
+            if per_domain or generalisation:
+                known = [*spec.domains, AVG] if per_domain else [key for key, _ in GENERALISATION_COLUMNS]
+                what = "one value per domain and avg" if per_domain else f"one value per column: {', '.join(known)}"
+                for column, cell in _table(path, f"{where} ({what})", value).items():
                     if column not in known:
                         raise _fail(path, f"{where} names column {column!r}; known: {', '.join(known)}")
                     paper[(row_key, ds_name, column)] = _paper_value(path, f"{where}.{column}", cell)
@@ -444,6 +467,7 @@ def parse_table_recipe(data: Mapping[str, Any], path: Path, name: str) -> TableR
         datasets=tuple(datasets),
         rows=tuple(rows),
         paper=paper,
+        generalisation=generalisation,
     )
     # Resolve every cell once so a bad combination fails here, not mid-sweep.
     for spec in recipe.datasets:

@@ -15,7 +15,16 @@ Definitions (PROTOCOL.md section 4):
   still running or were interrupted) instead of averaging fewer;
 * each seed's run is the one on that seed's partition (by default built with
   the run seed, so the std includes the partition's variance; a recipe may
-  fix one partition for all seeds), and the report says which it was.
+  fix one partition for all seeds), and the report says which it was;
+* a base-to-novel table (PROTOCOL-MORE.md section 6) has five columns per
+  dataset, each a per-run value of the final round, then mean +- std over
+  seeds like any cell: Local (the headline above), Base and Novel (the
+  unweighted mean over clients of the rows of split ``base`` / ``novel``),
+  HM = 2 B N / (B + N) (two-way) and HM3 = 3 / (1/L + 1/B + 1/N) (three-way,
+  FedTPG's), all as :func:`summarize_metrics` computes them for the run. A
+  run that records no ``novel`` rows (a method whose state is tied to its
+  training classes) has no Novel, HM or HM3: those cells are "not
+  applicable", not missing.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import pandas as pd
 from pfedmoap_cli.engine.workspace import Workspace
 from pfedmoap_cli.report.cells import DONE, PARTIAL, CellRun, TablePartitions, cell_runs, find_partitions
 from pfedmoap_cli.report.runs import checked_run_metrics, damaged_run_warning, summarize_metrics
-from pfedmoap_cli.report.table_recipes import AVG, Column, PaperValue, TableRecipe
+from pfedmoap_cli.report.table_recipes import AVG, BASE, HM, HM3, LOCAL, NOVEL, Column, PaperValue, TableRecipe
 
 STD_DDOF = 1
 
@@ -49,6 +58,12 @@ class CellStat:
     run_ids: tuple[str, ...]
     paper: PaperValue | None
     seeds_damaged: tuple[int, ...] = ()  # finished, but left out: their metrics are damaged or incomplete
+    seeds_na: tuple[int, ...] = ()  # finished, but the column does not apply to their runs (no novel rows)
+
+    @property
+    def not_applicable(self) -> bool:
+        """The column does not apply to this row: its finished runs have no value by design, and none has one."""
+        return bool(self.seeds_na) and not self.values
 
     @property
     def complete(self) -> bool:
@@ -77,6 +92,8 @@ class CellStat:
             notes.append(f"{len(self.seeds_partial)} partial")
         if self.seeds_damaged:
             notes.append(f"{len(self.seeds_damaged)} damaged")
+        if self.seeds_na:
+            notes.append(f"{len(self.seeds_na)} without novel rows")
         return text + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -105,8 +122,24 @@ class TableReport:
         return {row for row, mean in scored.items() if top is not None and mean >= top - 1e-9}
 
 
-def run_columns(metrics: pd.DataFrame, recipe: TableRecipe, dataset: str) -> dict[str, float]:
-    """A finished run's value (percent) in each of the dataset's columns."""
+def generalisation_values(metrics: pd.DataFrame) -> dict[str, float | None]:
+    """A finished run's Local, Base, Novel, HM and HM3 (percent) in its final round, from its run summary.
+
+    NaN: the run has no base rows (missing); None: the run records no novel
+    rows, so Novel, HM and HM3 do not apply to it. (The rows of a finished
+    run are complete: :func:`load_finished_metrics` leaves out a base-to-novel
+    run that lacks base rows, or novel rows its method should record.)
+    """
+    summary = summarize_metrics(metrics)
+    if summary.base_acc is None:
+        return {LOCAL: summary.final_mean_acc, BASE: math.nan, NOVEL: math.nan, HM: math.nan, HM3: math.nan}
+    return {LOCAL: summary.local_acc, BASE: summary.base_acc, NOVEL: summary.novel_acc, HM: summary.hm, HM3: summary.hm3}
+
+
+def run_columns(metrics: pd.DataFrame, recipe: TableRecipe, dataset: str) -> dict[str, float | None]:
+    """A finished run's value (percent) in each of the dataset's columns (None: the column does not apply to the run)."""
+    if recipe.generalisation:
+        return generalisation_values(metrics)
     summary = summarize_metrics(metrics)
     if not recipe.per_domain:
         return {dataset: summary.final_mean_acc}
@@ -126,7 +159,8 @@ def build_table(
     ``metrics`` maps a run id to its metrics frame; runs whose status is not
     ``done`` are never read. A finished run that lacks a column's domain
     leaves that seed missing in that column; one in ``damaged`` (left out of
-    ``metrics`` for damaged or incomplete rows) is missing and counted as such.
+    ``metrics`` for damaged or incomplete rows) is missing and counted as such;
+    one whose value is None there (no novel rows) is "not applicable", not missing.
     """
     by_cell: dict[tuple[str, str], list[CellRun]] = {}
     for run in runs:
@@ -136,13 +170,16 @@ def build_table(
     for column in recipe.columns():
         for row in recipe.rows:
             seeds = sorted(by_cell.get((column.dataset, row.key), []), key=lambda r: recipe.seeds.index(r.seed))
-            values, done, partial, missing, run_ids, broken = [], [], [], [], [], []
+            values, done, partial, missing, run_ids, broken, na = [], [], [], [], [], [], []
             for seed in recipe.seeds:
                 run = next((r for r in seeds if r.seed == seed), None)
                 value = None
                 if run is not None and run.status == DONE and run.run_id in metrics:
                     if run.run_id not in values_of:
                         values_of[run.run_id] = run_columns(metrics[run.run_id], recipe, column.dataset)
+                    if column.key in values_of[run.run_id] and values_of[run.run_id][column.key] is None:
+                        na.append(seed)
+                        continue
                     value = values_of[run.run_id].get(column.key)
                 if value is None or math.isnan(value):
                     missing.append(seed)
@@ -165,6 +202,7 @@ def build_table(
                 run_ids=tuple(run_ids),
                 paper=recipe.paper_value(row.key, column),
                 seeds_damaged=tuple(broken),
+                seeds_na=tuple(na),
             )
     return cells
 
