@@ -29,7 +29,8 @@ seed, built with that seed, unless its [table] partition_seed fixes one for
 all seeds; they are recorded in the workspace's sweeps/<table>.json. Finished
 runs are skipped and interrupted ones resume from their last complete round,
 so the same command continues a sweep after a stop. Tables: 1, 2, 3, 4,
-baselines, demo, or the path of a table recipe (.toml).
+baselines, demo, generalisation, generalisation_synthetic, or the path of a
+table recipe (.toml).
 
 Examples:
 
