@@ -18,16 +18,22 @@ method's mean +- std and its gain over zero-shot and PromptFL.
 Usage::
 
     OMP_NUM_THREADS=1 python scripts/learning_figures.py [--methods zsclip coop ...] [--cases 0/1 0/2 ...]
+
+A method may be measured under other flags too, as a labelled copy
+``LABEL@method`` with ``--method-flags "LABEL@method=FLAGS"``: for example a
+method's untrained start (``u@fedcocoop`` with ``--lr 1e-9``) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -69,9 +75,15 @@ def run_case(case: str, methods: list[str], pretrained: str, split: str) -> dict
         option = ["--option", f"seed={world}"] if world != "0" else []
         cli(ws, "partition", "--dataset", "synthetic", *SPLITS[split], "--seed", seed, *option)
         accuracy = {}
-        for method in methods:
-            cli(ws, "train", "--method", method, *COMMON, "--pretrained", pretrained, "--seed", seed, *METHOD_FLAGS.get(method, []))
-            accuracy[method] = final_accuracy(ws, method)
+        for label in methods:
+            method = label.split("@")[-1]
+            started = time.time()
+            cli(ws, "train", "--method", method, *COMMON, "--pretrained", pretrained, "--seed", seed, *METHOD_FLAGS.get(label, []))
+            accuracy[label] = final_accuracy(ws, method)
+            # Moved aside, so another label of the same method (other flags) is measured in the same workspace.
+            for run in (ws / "runs").glob(f"synthetic-{method}-s*"):
+                run.rename(ws / f"done-{label.replace('@', '_')}-{time.time_ns()}")
+            print(f"  [{case} {label} {time.time() - started:.0f}s {accuracy[label]:.2f}]", flush=True)
         return accuracy
 
 
@@ -80,9 +92,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="world/seed pairs (world 0 is the default world)")
     parser.add_argument("--split", choices=sorted(SPLITS), default="pathological")
+    parser.add_argument("--method-flags", nargs="*", default=[], help="METHOD=FLAGS (space-separated flags appended for METHOD; METHOD may be an alias NAME@method)")
     parser.add_argument("--pretrained", default="synthetic", help="micro-CLIP weights: the shipped tag or a candidate file")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for item in args.method_flags:
+        name, flags = item.split("=", 1)
+        METHOD_FLAGS[name] = shlex.split(flags)
     results = {}
     for case in args.cases:
         results[case] = run_case(case, args.methods, args.pretrained, args.split)
