@@ -9,8 +9,8 @@ local updates, aggregation, evaluation, metrics and checkpoints.
 * Round time: from the moment the run's rounds start (the observer is opened
   after the session -- backbone, dataset, test features -- is ready) to the
   moment the round is sealed, then from one sealed round to the next.
-* Evaluation time: :meth:`Federation.evaluate` (scoring every client on its
-  own test set) is wrapped while runs are measured; a round that does not
+* Evaluation time: :meth:`Federation.evaluate_round` (scoring every client on its
+  own test set, and on base-to-novel partitions on all base and novel images) is wrapped while runs are measured; a round that does not
   evaluate (``eval_every``) adds nothing.
 * Checkpoint bytes: files under the run folder created or replaced during the
   round (checkpoints and manifests; run-level bookkeeping -- run.json,
@@ -178,8 +178,8 @@ class RoundClock:
 
 @contextlib.contextmanager
 def timing_evaluation() -> Iterator[None]:
-    """Within the block, time spent in :meth:`Federation.evaluate` is added to the calling thread's round."""
-    original = Federation.evaluate
+    """Within the block, time spent in :meth:`Federation.evaluate_round` is added to the calling thread's round."""
+    original = Federation.evaluate_round
 
     def evaluate(federation, view):
         start = time.perf_counter()
@@ -190,11 +190,11 @@ def timing_evaluation() -> Iterator[None]:
             if clock is not None:
                 clock.eval_seconds += time.perf_counter() - start
 
-    Federation.evaluate = evaluate
+    Federation.evaluate_round = evaluate
     try:
         yield
     finally:
-        Federation.evaluate = original
+        Federation.evaluate_round = original
 
 
 def _execute(workspace: Path, data_root: Path, settings: TrainSettings, partition_path: Path, run_id: str, clock: RoundClock) -> None:

@@ -13,7 +13,7 @@ peak resident set size, ``getrusage``) does not carry over from one to the
 next. Runs go through the engine's entry point (``execute_run``, what
 ``pfedmoap train`` calls) on the tiny-vit backbone with random weights, one
 thread; benchmarks/_measure.py times each round whole, times
-``Federation.evaluate`` within it, and sums the bytes of the files the round
+``Federation.evaluate_round`` within it, and sums the bytes of the files the round
 created or replaced under the run folder. Round 0 is a warm-up and is left
 out; the per-round numbers are means over the remaining rounds (so a
 ``--eval-every`` that skips evaluation shows as a lower mean).

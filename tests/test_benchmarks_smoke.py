@@ -73,7 +73,7 @@ def test_round_clock_counts_the_round_folder_and_restores_evaluate(tmp_path: Pat
     from pfedmoap_cli.engine.federation import Federation
     from pfedmoap_cli.engine.settings import TrainSettings
 
-    evaluate = Federation.evaluate
+    evaluate = Federation.evaluate_round
     options = {"train_per_class": 2, "test_per_class": 1}
     part = api.partition(dataset="synthetic", workspace=tmp_path / "ws", data_root=tmp_path, iid=True, clients=4, seed=1, dataset_options=options)
     settings = TrainSettings(
@@ -81,7 +81,7 @@ def test_round_clock_counts_the_round_folder_and_restores_evaluate(tmp_path: Pat
         device="cpu", keep_rounds="all",
     )
     rounds = measure_run(tmp_path / "ws", tmp_path, settings, part.path, run_id="clock")
-    assert Federation.evaluate is evaluate
+    assert Federation.evaluate_round is evaluate
     assert [r.round_index for r in rounds] == [0, 1]
     for r in rounds:
         folder = tmp_path / "ws" / "runs" / "clock" / "checkpoints" / f"round-{r.round_index:04d}"
