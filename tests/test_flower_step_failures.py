@@ -148,6 +148,24 @@ def test_a_client_that_keeps_failing_stops_the_run_before_its_round_is_written(w
     assert_same_run_files(resumed.paths, local_runs("pfedmoap"), rounds=2)
 
 
+def test_a_simulation_stops_when_a_node_never_answers_the_handshake(world):  # noqa: F811
+    """Every virtual node of a simulation exists from the start: one that never answers is a failed runtime."""
+    grid, node_of = world.grid()
+    grid.silent.add(node_of[1])
+    with pytest.raises(FederationError) as raised:
+        execute_run(
+            world.workspace, world.data_root, settings_for("coop"), world.partition_path, run_id="never-answered", progress=False,
+            runtime=FlowerGridRuntime(grid, STRICT),
+        )
+    message = str(raised.value)
+    assert message.startswith("no node answered for clients [1] within 0 s of the start, so nothing was trained") and "\n" not in message
+    assert "--resume" in message
+    paths = RunPaths(world.workspace.run_dir("never-answered"))
+    assert not paths.metrics_csv.exists() or len(metric_rows(paths)) == 1  # the header at most
+    assert not paths.global_checkpoint(0).exists()
+    assert simulation_options(60.0).join_timeout == 60.0  # one handshake wait, no longer than a step
+
+
 def test_a_deployment_asks_a_node_again_that_did_not_answer_the_handshake(world):  # noqa: F811
     grid, node_of = world.grid()
     slow = node_of[3]

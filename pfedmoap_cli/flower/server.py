@@ -234,6 +234,14 @@ class FlowerServer:
                 break
             time.sleep(1.0)
         absent = sorted(set(range(self.num_clients)) - set(self.node_of))
+        if absent and self.options.require_every_client:
+            # A simulation's nodes all exist from the start: one that never answers
+            # is a runtime that started no worker for it, not a node still joining.
+            raise FederationError(
+                f"no node answered for clients {absent} within {self.options.join_timeout:g} s of the start, so nothing was trained; "
+                "in a simulation this means Flower's runtime (Ray) started no worker for them: read its logs, "
+                "fix the cause and run the same command with --resume"
+            )
         if absent:
             self.log(f"starting without a node for clients {absent}; they are recorded as missing until one joins")
 

@@ -26,10 +26,12 @@ def simulation_options(round_timeout: float = FlowerOptions.round_timeout) -> Fl
     """A simulation's server options: every virtual node runs on this machine,
     so a failed step is sent once more and a client that still fails stops
     the run (with the node's reason) instead of becoming a silent missing row.
-    The handshake waits no longer than a step: a lost reply (seen under heavy
-    load) then costs one timeout before the node is asked again."""
+    Every virtual node exists from the start, so the start waits for the
+    handshake once, no longer than a step, and a node that has not answered
+    by then stops the run with one line (Ray started no worker for it)."""
+    query_timeout = min(FlowerOptions.query_timeout, round_timeout)
     return FlowerOptions(
-        round_timeout=round_timeout, query_timeout=min(FlowerOptions.query_timeout, round_timeout), retries=1, require_every_client=True
+        round_timeout=round_timeout, query_timeout=query_timeout, join_timeout=query_timeout, retries=1, require_every_client=True
     )
 
 
