@@ -538,13 +538,17 @@ def report(
     """Summarise the workspace's runs, or build a paper table from them, as ``pfedmoap report``.
 
     Without ``table``: one row per run with a finished round, written to
-    reports/runs.csv (sorted by dataset, method, seed, run id). With ``table``
+    reports/runs.csv (sorted by dataset, method, seed, run id), and the runs'
+    cross-dataset scores, if any, in a second table (reports/cross_dataset.csv).
+    With ``table``
     (1, 2, 3, 4, demo, or a table recipe .toml): reports/<table>.md, .csv and
     .tex, plus PNG plots when ``plots`` and matplotlib is installed. A run
     whose metrics are damaged or incomplete is left out, with one line passed
     to ``warn`` and kept in :attr:`ReportResult.warnings`.
     """
     from pfedmoap_cli.artifacts.atomic import atomic_write_text
+    from pfedmoap_cli.report.cross_dataset import HEADING as CROSS_DATASET_HEADING
+    from pfedmoap_cli.report.cross_dataset import cross_dataset_summary
 
     warnings: list[str] = []
 
@@ -562,7 +566,14 @@ def report(
     summary = summary.sort_values(["dataset", "method", "seed", "run_id"]).reset_index(drop=True)
     out = ws.reports_dir / "runs.csv"
     atomic_write_text(out, summary.to_csv(index=False))
-    return ReportResult(frame=summary, markdown=to_markdown(summary), files=(out,), warnings=tuple(warnings))
+    markdown, files = to_markdown(summary), (out,)
+    cross = cross_dataset_summary(ws.runs_dir, warn=_warn)
+    if not cross.empty:
+        cross_out = ws.reports_dir / "cross_dataset.csv"
+        atomic_write_text(cross_out, cross.to_csv(index=False))
+        markdown += f"\n\n{CROSS_DATASET_HEADING}:\n\n{to_markdown(cross)}"
+        files = (out, cross_out)
+    return ReportResult(frame=summary, markdown=markdown, files=files, warnings=tuple(warnings))
 
 
 def _table_report(workspace: PathLike, table: str, plots: bool, warn: Callable[[str], None], warnings: list[str]) -> ReportResult:

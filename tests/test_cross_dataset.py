@@ -152,3 +152,33 @@ def test_every_method_is_scored_or_refused_with_its_reason(cli, tmp_path, method
     assert result.exit_code == 0, result.stderr
     (row,) = rows(ws, "r")
     assert row["part"] == part and int(row["num_classes"]) == 4 and 0.0 <= float(row["accuracy"]) <= 1.0
+
+
+def test_the_report_lists_cross_dataset_scores_as_the_global_part_only(cli, trained):
+    ws, other = trained
+    for round_index in ("0", "1"):
+        assert cli("--data-root", str(other), "evaluate", "--run", "p", "--dataset", "imagefolder", "--round", round_index, workspace=ws).exit_code == 0
+    reported = cli("report", workspace=ws)
+    assert reported.exit_code == 0, reported.stderr
+    assert "Cross-dataset: each run's global part only" in reported.stdout
+    written = ws / "reports" / "cross_dataset.csv"
+    assert str(written) in reported.stdout
+    with written.open(newline="") as handle:
+        listed = list(csv.DictReader(handle))
+    recorded = rows(ws, "p")
+    assert [(r["run_id"], r["round"], r["dataset"]) for r in listed] == [("p", "0", "imagefolder"), ("p", "1", "imagefolder")]
+    for mine, theirs in zip(listed, recorded):
+        assert float(mine["accuracy"]) == pytest.approx(100 * float(theirs["accuracy"]))
+        assert mine["part"] == "the global prompt"
+    # a damaged table is left out with one warning line; the runs' own report is unchanged
+    (ws / "runs" / "p" / "cross_dataset.csv").write_text("garbage\n")
+    again = cli("report", workspace=ws)
+    assert again.exit_code == 0 and "Cross-dataset" not in again.stdout
+    assert "left out the cross-dataset scores of run p" in again.stderr
+
+
+def test_without_cross_dataset_scores_the_report_is_as_before(cli, trained):
+    ws, _ = trained
+    reported = cli("report", workspace=ws)
+    assert reported.exit_code == 0 and "Cross-dataset" not in reported.stdout
+    assert not (ws / "reports" / "cross_dataset.csv").exists()

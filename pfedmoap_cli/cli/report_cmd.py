@@ -12,7 +12,9 @@ HELP = """Summarise the runs in the workspace, or build a paper table from them.
 
 Without --table: one row per run (markdown on stdout, reports/runs.csv).
 Runs of a --base-to-novel partition add local_acc, base_acc, novel_acc, hm
-(harmonic mean of base and novel) and hm3 (of local, base and novel).
+(harmonic mean of base and novel) and hm3 (of local, base and novel). Scores
+of runs on other datasets ('pfedmoap evaluate --dataset') follow in a second
+table (reports/cross_dataset.csv), each of the run's global part only.
 With --table N: the table from the runs present, mean +- sample std (ddof=1)
 over seeds per cell, the paper's value and the difference beside it, missing
 cells marked with how many seeds they lack, and whether each seed had its
@@ -58,4 +60,4 @@ def report(
     if "hm" in result.frame.columns:
         typer.echo("\nbase-to-novel runs: local = mean client test accuracy, base / novel = mean over clients on all base / novel "
                    "test images; hm = harmonic mean of base and novel, hm3 = of local, base and novel")
-    typer.echo(f"\nwritten to {result.files[0]}")
+    typer.echo(f"\nwritten to {', '.join(str(path) for path in result.files)}")
