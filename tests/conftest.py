@@ -122,6 +122,25 @@ def micro_clip_test_split() -> ZeroShotSplit:
 REQUIRE_FLOWER_ENV = "PFEDMOAP_REQUIRE_FLOWER"
 
 
+def method_env(clip, class_names, *, n_ctx: int = 4, num_clients: int = 3, training=None, seed: int = 0):
+    """A method's environment on ``clip`` (CPU) over ``class_names``, for unit tests of one method.
+
+    ``training`` defaults to 2 local epochs of SGD at lr 0.05 (momentum 0.9, weight decay 5e-4).
+    """
+    from pfedmoap_cli.methods.base import LocalTraining, MethodEnv
+    from pfedmoap_cli.model.prompt import PromptTextEncoder
+
+    return MethodEnv(
+        clip=clip,
+        text_encoder=PromptTextEncoder(clip, list(class_names), n_ctx=n_ctx),
+        class_names=tuple(class_names),
+        num_clients=num_clients,
+        training=training or LocalTraining(local_epochs=2, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        seed=seed,
+        device=torch.device("cpu"),
+    )
+
+
 def require_flower():
     """The imported ``flwr`` module, for tests that need Flower: ``flwr = require_flower()``.
 

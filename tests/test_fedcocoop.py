@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import pfedmoap_cli.methods.fedcocoop  # noqa: F401  (registers the method)
+from conftest import method_env
+
 from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.methods.base import ClientJob, ClientResult, LocalTraining, MethodEnv, RoundView
 from pfedmoap_cli.methods.fedcocoop import FedCoCoOp, FedCoCoOpOptions
 from pfedmoap_cli.methods.promptfl import PromptFL
 from pfedmoap_cli.model.backbone import BackboneSpec, FrozenClip, load_backbone
-from pfedmoap_cli.model.prompt import PromptTextEncoder
 from pfedmoap_cli.seeding import torch_generator
 
 CLASSES = ["red circle", "blue square", "green star", "yellow ring", "purple cross"]
@@ -33,14 +34,9 @@ def clip() -> FrozenClip:
 
 
 def make_env(clip: FrozenClip, training: LocalTraining | None = None, seed: int = 0) -> MethodEnv:
-    return MethodEnv(
-        clip=clip,
-        text_encoder=PromptTextEncoder(clip, CLASSES, n_ctx=N_CTX),
-        class_names=tuple(CLASSES),
-        num_clients=4,
+    return method_env(
+        clip, CLASSES, n_ctx=N_CTX, num_clients=4, seed=seed,
         training=training or LocalTraining(local_epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        seed=seed,
-        device=torch.device("cpu"),
     )
 
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import pfedmoap_cli.methods.fedpgp  # noqa: F401  (registers the method)
+from conftest import method_env
+
 from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.methods.base import ClientJob, LocalTraining, MethodEnv, RoundView
 from pfedmoap_cli.methods.fedpgp import FedPGP, FedPGPOptions
 from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
-from pfedmoap_cli.model.prompt import PromptTextEncoder, encode_texts
+from pfedmoap_cli.model.prompt import encode_texts
 
 CLASSES = ["red circle", "blue square", "green star", "yellow ring", "purple cross"]
 N_CTX = 4
@@ -29,15 +31,7 @@ def clip():
 
 
 def make_env(clip, training: LocalTraining | None = None) -> MethodEnv:
-    return MethodEnv(
-        clip=clip,
-        text_encoder=PromptTextEncoder(clip, CLASSES, n_ctx=N_CTX),
-        class_names=tuple(CLASSES),
-        num_clients=4,
-        training=training or LocalTraining(local_epochs=2, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        seed=0,
-        device=torch.device("cpu"),
-    )
+    return method_env(clip, CLASSES, n_ctx=N_CTX, num_clients=4, training=training)
 
 
 def data(clip, seed: int, n: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:

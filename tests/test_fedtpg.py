@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import pfedmoap_cli.methods.fedtpg  # noqa: F401  (registers the method)
+from conftest import method_env
+
 from pfedmoap_cli.errors import ConfigError
 from pfedmoap_cli.methods.base import ClientJob, ClientResult, LocalTraining, MethodEnv, RoundView
 from pfedmoap_cli.methods.fedtpg import FedTPG, FedTPGOptions
 from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
-from pfedmoap_cli.model.prompt import PromptTextEncoder, encode_texts
+from pfedmoap_cli.model.prompt import encode_texts
 from pfedmoap_cli.model.prompt_generator import PromptGenerator
 
 CLASSES = ["red circle", "blue_square", "green star", "yellow ring", "purple cross"]
@@ -34,15 +36,7 @@ def clip():
 
 
 def make_env(clip, training: LocalTraining | None = None) -> MethodEnv:
-    return MethodEnv(
-        clip=clip,
-        text_encoder=PromptTextEncoder(clip, CLASSES, n_ctx=N_CTX),
-        class_names=tuple(CLASSES),
-        num_clients=3,
-        training=training or LocalTraining(local_epochs=2, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        seed=0,
-        device=torch.device("cpu"),
-    )
+    return method_env(clip, CLASSES, n_ctx=N_CTX, num_clients=3, training=training)
 
 
 def batches_of(clip, seed: int, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:

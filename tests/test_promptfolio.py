@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import pfedmoap_cli.methods.promptfolio  # noqa: F401  (registers the method)
+from conftest import method_env
+
 from pfedmoap_cli.artifacts.partition import load_partition, save_partition
 from pfedmoap_cli.data.build_partition import PartitionSettings, build_partition
 from pfedmoap_cli.data.sources import open_dataset
@@ -26,7 +28,6 @@ from pfedmoap_cli.methods.coop import CoOp, train_prompt
 from pfedmoap_cli.methods.promptfl import PromptFL
 from pfedmoap_cli.methods.promptfolio import PromptFolio, PromptFolioOptions
 from pfedmoap_cli.model.backbone import BackboneSpec, load_backbone
-from pfedmoap_cli.model.prompt import PromptTextEncoder
 from pfedmoap_cli.seeding import torch_generator
 from test_batched_round import assert_states_close, federation_for, per_client_round  # the lock-step test's helpers
 
@@ -40,15 +41,7 @@ def clip():
 
 
 def make_env(clip, training: LocalTraining | None = None) -> MethodEnv:
-    return MethodEnv(
-        clip=clip,
-        text_encoder=PromptTextEncoder(clip, CLASSES, n_ctx=N_CTX),
-        class_names=tuple(CLASSES),
-        num_clients=4,
-        training=training or LocalTraining(local_epochs=2, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        seed=0,
-        device=torch.device("cpu"),
-    )
+    return method_env(clip, CLASSES, n_ctx=N_CTX, num_clients=4, training=training)
 
 
 def data(clip, seed: int, n: int = 6):
